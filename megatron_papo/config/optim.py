@@ -1,0 +1,24 @@
+"""Config section ``optim``: optimizer and batch geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_papo.config.base import field
+
+
+@dataclass
+class OptimConfig:
+    """AdamW via megatron-core's optimizer; batch sizes count prompts unless noted."""
+
+    lr: float = field(1.0e-6, help="learning rate (constant schedule)")
+    weight_decay: float = field(1.0e-2, help="AdamW weight decay")
+    adam_beta1: float = field(0.9, help="AdamW beta1")
+    adam_beta2: float = field(0.999, help="AdamW beta2")
+    adam_eps: float = field(1.0e-8, help="AdamW epsilon")
+    clip_grad: float = field(1.0, help="global grad-norm clip; non-finite norms skip the step")
+    use_distributed_optimizer: bool = field(False, help="shard optimizer state over data-parallel ranks")
+    rollout_batch_size: int = field(384, help="prompts sampled per training step")
+    global_batch_size: int = field(128, help="prompts per optimizer step (mini-batch)")
+    micro_batch_size: int = field(4, help="responses per micro-batch per data-parallel rank")
+    ppo_epochs: int = field(1, help="passes over each rollout batch")

@@ -1,0 +1,26 @@
+"""Config section ``rollout``: the generation engine and how it is fed weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_papo.config.base import field
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling and engine settings (PAPO defaults: n=5, temperature 1.0, top_p 0.99)."""
+
+    engine: Literal["sglang", "vllm"] = field("sglang", help="rollout engine")
+    mode: Literal["colocated", "server"] = field("colocated", help="in-process engine, or a separate server process")
+    n: int = field(5, help="responses sampled per prompt (group size)")
+    temperature: float = field(1.0, help="sampling temperature; logits are divided by it in the trainer too")
+    top_p: float = field(0.99, help="nucleus sampling")
+    top_k: int = field(-1, help="top-k sampling; -1 = off")
+    max_new_tokens: int = field(2048, help="maximum response length in tokens")
+    transport: Literal["tensor", "distributed", "disk"] = field(
+        "tensor", help="weight transport: in-process tensors/IPC, broadcast group, or safetensors on disk")
+    bucket_mb: int = field(512, help="weight-sync bucket size in MiB")
+    timeout_s: float = field(600.0, help="timeout of any single engine call")
+    seed: int = field(1, help="engine sampling seed")

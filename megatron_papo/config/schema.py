@@ -1,0 +1,111 @@
+"""The top-level ``Config`` and recipe loading (YAML file + ``key.sub=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from megatron_papo.config.algo import AlgoConfig
+from megatron_papo.config.base import ConfigError, field, from_dict, load_yaml, merge_override, parse_override
+from megatron_papo.config.checkpoint import CheckpointConfig
+from megatron_papo.config.data import DataConfig
+from megatron_papo.config.logging import LoggingConfig
+from megatron_papo.config.model import ModelConfig
+from megatron_papo.config.optim import OptimConfig
+from megatron_papo.config.parallel import ParallelConfig
+from megatron_papo.config.rollout import RolloutConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE_DIR = REPO_ROOT / "launch" / "configs"
+
+
+@dataclass
+class Config:
+    """Everything a run needs; one owner per knob."""
+
+    run_dir: str = field("runs/default", help="output directory: config, logs, metrics, tensorboard, checkpoints")
+    seed: int = field(1, help="global seed (model init, sampling, masks)")
+    total_steps: int = field(202, help="training steps (one rollout batch each)")
+    mode: Literal["train", "rollout_only", "train_from_rollouts"] = field(
+        "train", help="debug modes: rollout only (saves rollouts), or train from saved rollouts")
+    rollouts_dir: Optional[str] = field(None, help="where rollout_only saves and train_from_rollouts reads")
+    eval_at_end: bool = field(True, help="evaluate the test split after training (avg accuracy, majority baseline)")
+    eval_every: int = field(0, help="evaluate every N steps; 0 = only at the end")
+    check_invariants: bool = field(True, help="assert first-step invariants (actor==ref logprobs, ratio==1)")
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, help="parallel layout")
+    model: ModelConfig = field(default_factory=ModelConfig, help="model")
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, help="rollout engine")
+    algo: AlgoConfig = field(default_factory=AlgoConfig, help="algorithm")
+    data: DataConfig = field(default_factory=DataConfig, help="data")
+    optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer")
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, help="checkpointing")
+    logging: LoggingConfig = field(default_factory=LoggingConfig, help="logging")
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe is a YAML path, or a name looked up in launch/configs/ (``tiny_cpu``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file '{p}' does not exist; pass a path or a name from {RECIPE_DIR}")
+        return p
+    cand = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not cand.is_file():
+        known = sorted(x.stem for x in RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
+        raise ConfigError(f"recipe '{name_or_path}' not found in {RECIPE_DIR}; known recipes: {', '.join(known) or 'none'}")
+    return cand
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a recipe; a top-level ``base: other_recipe`` is loaded first and overlaid."""
+    if path.resolve() in seen:
+        raise ConfigError(f"recipe '{path}' includes itself through 'base'")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _load_with_bases(resolve_recipe(base) if not Path(base).is_absolute() else Path(base),
+                              seen + (path.resolve(),))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def load_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Recipe (optional) + overrides → validated ``Config``. Raises ConfigError with one line."""
+    data: dict[str, Any] = _load_with_bases(resolve_recipe(recipe)) if recipe else {}
+    for text in overrides:
+        path, value = parse_override(text)
+        merge_override(data, path, value)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that need no process group (world-size checks live in parallel/)."""
+    a, o, r = cfg.algo, cfg.optim, cfg.rollout
+    if r.n < 1:
+        raise ConfigError(f"rollout.n={r.n} must be >= 1")
+    if a.adv_estimator in ("grpo", "dapo", "rloo") and r.n < 2:
+        raise ConfigError(f"algo.adv_estimator={a.adv_estimator} needs rollout.n >= 2 (got {r.n}): group baselines")
+    if o.rollout_batch_size % o.global_batch_size:
+        raise ConfigError(
+            f"optim.rollout_batch_size ({o.rollout_batch_size}) must be a multiple of optim.global_batch_size "
+            f"({o.global_batch_size})")
+    if a.kl_coef > 0 and not a.use_ref and a.kl_coef != AlgoConfig.kl_coef:
+        raise ConfigError(f"algo.kl_coef={a.kl_coef} has no effect with algo.use_ref=false; set algo.kl_coef=0")
+    if a.aug_entropy_coef > 0 and a.kl_prcp_coef <= 0:
+        raise ConfigError("algo.aug_entropy_coef > 0 needs the masked view: set algo.kl_prcp_coef > 0")
+    if cfg.model.fp8 is not None and cfg.model.transformer_impl != "transformer_engine":
+        raise ConfigError(f"model.fp8={cfg.model.fp8} needs model.transformer_impl=transformer_engine")
+    if not 0.0 <= cfg.data.mask_prob <= 1.0:
+        raise ConfigError(f"data.mask_prob={cfg.data.mask_prob} must be in [0, 1]")

@@ -1,0 +1,1 @@
+"""Small shared utilities: rank-aware logging, progress bars, metric sinks."""

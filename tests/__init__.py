@@ -1,0 +1,1 @@
+"""Test suite: unit/ (no process group), distributed/ (gloo under torchrun), gpu/ (auto-skip), integration/."""

@@ -1,0 +1,25 @@
+"""Entry script used by tests/harness.py: init gloo, call the target, write this rank's JSON result."""
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="gloo")
+    module, fn = spec["target"].split(":")
+    result = getattr(importlib.import_module(module), fn)(**spec["kwargs"])
+    rank = dist.get_rank()
+    Path(spec["out_dir"], f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    main()
