@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 from megatron_papo.config.algo import AlgoConfig
 from megatron_papo.config.base import ConfigError, field, from_dict, load_yaml, merge_override, parse_override

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional, TypeVar
+from typing import Optional, TypeVar
 
 from tqdm import tqdm
 
