@@ -6,7 +6,7 @@ Defaults are PAPO-G (GRPO + PAPO) as released: see ../shared/papo_spec.md §2 an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from megatron_papo.config.base import field
 
@@ -25,17 +25,19 @@ class AlgoConfig:
     use_ref: bool = field(True, help="keep a frozen reference model and add the reference-KL loss")
     kl_coef: float = field(0.01, help="beta of the reference-KL loss")
     kl_estimator: str = field("k3", help="reference-KL estimator: k1 | k2 | k3 (low_var_kl)")
-    log_ratio_clamp: float = field(20.0, help="clamp of log-ratios inside the k-estimators")
-    kl_value_clamp: float = field(10.0, help="clamp of per-token k-estimator values")
+    log_ratio_clamp: float = field(20.0, help="clamp of log-ratios inside the k-estimators (ref KL and KL_prcp); 0 = off")
+    kl_value_clamp: float = field(10.0, help="clamp of per-token k-estimator values to [-v, v] (zeroes their grad); 0 = off")
     kl_prcp_coef: float = field(0.02, help="gamma of the implicit perception loss (0 = plain GRPO/DAPO)")
     kl_prcp_estimator: Literal["k3_sampled", "exact"] = field(
         "k3_sampled", help="k3 on sampled-token log-probs, ratio masked/original (published) or exact full-vocab KL")
     kl_prcp_schedule: Literal["constant", "annealing"] = field("constant", help="gamma schedule")
-    kl_prcp_anneal_start: float = field(0.02, help="gamma at step 0 with annealing")
+    kl_prcp_anneal_start: Optional[float] = field(None, help="gamma at step 0 with annealing; null = kl_prcp_coef")
     kl_prcp_anneal_end: float = field(0.0, help="gamma at the end of annealing")
-    kl_prcp_anneal_ratio: float = field(1.0, help="fraction of total steps over which gamma anneals")
+    kl_prcp_anneal_ratio: float = field(
+        0.5, help="fraction of total steps over which gamma anneals (reference default 0.5); entropy coefs scale by gamma/kl_prcp_coef")
     kl_prcp_clip: float = field(0.0, help="clip per-token KL_prcp to [0, value]; 0 = off")
-    kl_prcp_top_p: float = field(0.0, help="keep tokens whose KL_prcp is in the per-sequence top fraction; 0 = off")
+    kl_prcp_top_p: float = field(
+        0.0, help="keep tokens whose KL_prcp is >= the per-sequence (1 - top_p) quantile; 0 = off, else in (0, 1)")
     ori_entropy_coef: float = field(0.0, help="eta1: + eta1 * mean(-log pi) on the original view (entropy minimisation)")
     aug_entropy_coef: float = field(0.0, help="eta2: same on the masked view")
     entropy_estimator: Literal["sampled", "exact"] = field("sampled", help="-log pi of the sampled token, or exact")
@@ -44,6 +46,10 @@ class AlgoConfig:
     dynamic_sampling: bool = field(False, help="DAPO: keep only groups with mean accuracy in (low, high)")
     dynamic_sampling_low: float = field(0.01, help="DAPO filter lower bound (exclusive)")
     dynamic_sampling_high: float = field(0.99, help="DAPO filter upper bound (exclusive)")
-    dynamic_sampling_max_tries: int = field(20, help="DAPO: draws before giving up filling the batch")
-    overlong_buffer: int = field(0, help="DAPO soft overlong punishment buffer length; 0 = off")
-    overlong_penalty: float = field(1.0, help="DAPO soft overlong punishment maximum")
+    dynamic_sampling_key: str = field("accuracy", help="DAPO filter on this reward component (accuracy | overall | format)")
+    dynamic_sampling_max_tries: int = field(20, help="DAPO: draws before giving up filling the batch; <= 0 = unlimited")
+    dynamic_sampling_on_limit: Literal["raise", "warn"] = field(
+        "raise", help="DAPO at the try limit: raise (reference) or warn and train on the partial batch")
+    overlong_buffer: int = field(
+        0, help="DAPO soft overlong punishment: buffer length before the max response length; 0 = off (PAPO: off)")
+    overlong_penalty: float = field(1.0, help="DAPO soft overlong punishment maximum (added to the score as -penalty)")
