@@ -1,0 +1,116 @@
+"""Megatron-Core training plumbing: DDP wrapping, the optimizer, and one forward-backward-step call.
+
+These helpers are model-agnostic (the tiny GPT of the foundation tests and Qwen2.5-VL use the same
+code). Groups come from ``ParallelGroups``; the harness rules from env_notes.md are applied here:
+``finalize_model_grads_func`` and ``no_sync_func`` are set on the model config, the optimizer's
+gradients are zeroed every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from megatron_papo.parallel import ParallelGroups
+
+
+@dataclass
+class OptimSettings:
+    """The subset of optimizer settings the mcore optimizer needs."""
+
+    lr: float
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    bf16: bool = False
+    fp16: bool = False
+
+
+def wrap_ddp(model_chunks: list[torch.nn.Module], groups: ParallelGroups, *, use_distributed_optimizer: bool = False,
+             grad_reduce_in_fp32: bool = True, bucket_size: Optional[int] = None) -> list[torch.nn.Module]:
+    """Wrap each model chunk in mcore's DistributedDataParallel (gradient buffers + DP reduction)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size,
+        average_in_collective=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(model_chunks):
+        wrapped.append(DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_cfg, module=chunk, disable_bucketing=i > 0,
+            pg_collection=groups.mcore,
+        ))
+    cfg = wrapped[0].config
+    from megatron.core.distributed import finalize_model_grads
+
+    cfg.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=groups.mcore)
+    cfg.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    if len(wrapped) == 1:
+        cfg.no_sync_func = wrapped[0].no_sync
+    return wrapped
+
+
+def build_optimizer(model_chunks: list[torch.nn.Module], settings: OptimSettings, groups: ParallelGroups) -> Any:
+    """mcore's Megatron optimizer (Adam; optionally the distributed optimizer) over the DDP chunks."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ocfg = OptimizerConfig(
+        optimizer="adam", lr=settings.lr, weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps, clip_grad=settings.clip_grad,
+        bf16=settings.bf16, fp16=settings.fp16, use_distributed_optimizer=settings.use_distributed_optimizer,
+        params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+    )
+    return get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=False, pg_collection=groups.mcore)
+
+
+def forward_backward(model_chunks: list[torch.nn.Module], forward_step: Callable, data_iterator: Iterator | list[Iterator],
+                     num_microbatches: int, groups: ParallelGroups, *, seq_length: int, micro_batch_size: int,
+                     forward_only: bool = False, hidden_size: Optional[int] = None) -> list[dict]:
+    """Run mcore's forward-backward schedule (no pipelining, or 1F1B across ``groups.pp_group``).
+
+    ``forward_step(data_iterator, model) -> (output_tensor, loss_func)`` as mcore expects. Returns the
+    list of per-micro-batch loss dicts (non-empty on the last pipeline stage only).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cfg = model_chunks[0].config
+    if hidden_size is not None:
+        cfg.hidden_size = cfg.hidden_size  # the schedule reads shapes from the config
+    fb = get_forward_backward_func(pp_size=groups.pp_size, vp_size=None)
+    kwargs: dict[str, Any] = dict(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    if groups.pp_size > 1:
+        kwargs["p2p_communicator"] = _p2p(groups, cfg)
+    kwargs["pg_collection"] = groups.mcore
+    return fb(**kwargs)
+
+
+def _p2p(groups: ParallelGroups, cfg: Any) -> Any:
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    return P2PCommunicator(pp_group=groups.pp_group, config=cfg)
+
+
+def optimizer_step(optimizer: Any) -> tuple[bool, float, int]:
+    """One optimizer step; returns (updated, grad_norm, zeros). Non-finite grad norms skip the update."""
+    updated, grad_norm, num_zeros = optimizer.step()
+    optimizer.zero_grad()
+    return bool(updated), float(grad_norm) if grad_norm is not None else float("nan"), int(num_zeros or 0)
+
+
+def zero_grads(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:
+    """Zero the DDP gradient buffers and the optimizer's grads (call at the start of every step)."""
+    for m in model_chunks:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
