@@ -22,7 +22,7 @@ from megatron_papo.parallel.dims import ParallelDims
 
 __all__ = ["ParallelDims", "ParallelGroups", "init_distributed", "resolve_device", "seed_everything", "shutdown"]
 
-_STATE: Optional["ParallelGroups"] = None
+_STATE: Optional[ParallelGroups] = None
 
 
 @dataclass

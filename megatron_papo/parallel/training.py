@@ -53,8 +53,6 @@ def wrap_ddp(model_chunks: list[torch.nn.Module], groups: ParallelGroups, *, use
 
     cfg.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=groups.mcore)
     cfg.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
-    if len(wrapped) == 1:
-        cfg.no_sync_func = wrapped[0].no_sync
     return wrapped
 
 
@@ -73,7 +71,7 @@ def build_optimizer(model_chunks: list[torch.nn.Module], settings: OptimSettings
 
 def forward_backward(model_chunks: list[torch.nn.Module], forward_step: Callable, data_iterator: Iterator | list[Iterator],
                      num_microbatches: int, groups: ParallelGroups, *, seq_length: int, micro_batch_size: int,
-                     forward_only: bool = False, hidden_size: Optional[int] = None) -> list[dict]:
+                     forward_only: bool = False) -> list[dict]:
     """Run mcore's forward-backward schedule (no pipelining, or 1F1B across ``groups.pp_group``).
 
     ``forward_step(data_iterator, model) -> (output_tensor, loss_func)`` as mcore expects. Returns the
@@ -82,8 +80,6 @@ def forward_backward(model_chunks: list[torch.nn.Module], forward_step: Callable
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     cfg = model_chunks[0].config
-    if hidden_size is not None:
-        cfg.hidden_size = cfg.hidden_size  # the schedule reads shapes from the config
     fb = get_forward_backward_func(pp_size=groups.pp_size, vp_size=None)
     kwargs: dict[str, Any] = dict(
         forward_step_func=forward_step, data_iterator=data_iterator, model=model_chunks,
