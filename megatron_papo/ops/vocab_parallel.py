@@ -1,0 +1,319 @@
+"""Per-token log-prob, entropy and exact KL of one or two views over a vocabulary split across ranks.
+
+PAPO needs, per response token, ``log p(y)`` under the original view, ``log q(y)`` under the
+masked view, both entropies and ``KL(p || q)`` over the *full* vocabulary, while each rank of the
+tensor-parallel ``group`` holds only its slice of the logits: rank ``r`` holds vocab ids
+``[r*V_local, (r+1)*V_local)`` (mcore's ``VocabUtility`` layout). ``token_stats`` computes all of
+them without gathering the vocabulary.
+
+Math (per token, ``z = logits / T`` and ``z' = ref_logits / T``, ``m`` / ``m'`` the global maxima of
+the raw logits, ``u = (x - m) / T <= 0``, ``e = exp(u)``, ``S = sum e``, ``p = e / S``)::
+
+    log p(y) = u_y - log S
+    H(p)     = log S - (sum e*u) / S                    (two non-negative terms: no cancellation)
+    KL(p||q) = (sum e*(u - u')) / S - log S + log S'
+
+Backward (no communication; every global quantity is a saved per-token scalar)::
+
+    d log p(y) / dz = onehot(y) - p
+    d H / dz        = -p * (log p + H)
+    d KL / dz       = p * ((log p - log q) - KL)
+    d KL / dz'      = q - p
+    d / dx          = (d / dz) / T
+
+Communication. Exactly two all-reduces per call, whatever the outputs and however many chunks:
+one MAX of the stacked raw maxima ``[N, n_views]`` and one SUM of the stacked local partial sums
+``[N, 9]`` (a fixed payload; unrequested columns stay 0). The columns each output needs: ``logprob``
+3 (``S`` without the max entries, how many entries hold the global max, ``u_y``), ``entropy`` +1
+(``sum e*u``), ``ref_logprob`` +3 (the same for ``z'``), ``ref_entropy`` +1, ``kl`` +1 (``sum e*u'``;
+it also needs ``sum e*u``). So per token at most 9 + 2 floats cross ranks, in two collectives.
+Counting the max entries exactly (they contribute exactly 1 each) gives ``log S = log1p(rest)`` and
+keeps near one-hot log-probs and entropies accurate to fp32 relative precision.
+Ignored tokens (label ``-100``) are computed like the others but their outputs and gradients are 0.
+
+Memory. Work proceeds over token chunks (``chunk_size`` rows; default: all rows at once). Per chunk
+the forward holds at most two fp32 ``[chunk, V_local]`` temporaries (both views together), the
+backward recomputes the softmax from the saved inputs (no softmax tensor is saved) and holds one
+fp32 temporary per view plus the gradient being written. Inputs are never modified in place;
+bf16/fp16 inputs are upcast chunk by chunk and accumulated in fp32. All outputs are fp32.
+
+This eager torch code is the reference and the CPU path; there is no fused GPU path yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = -100
+
+# Column layout of the stacked SUM all-reduce payload.
+_S, _C, _UY, _EU, _SR, _CR, _UYR, _EUR, _EUX = range(9)
+_NCOL = 9
+
+
+@dataclass
+class TokenStats:
+    """Per-token results of :func:`token_stats`; float32 with the labels' shape, ``None`` if not requested."""
+
+    logprob: torch.Tensor
+    ref_logprob: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    ref_entropy: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
+
+
+def _world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """(rank, size) of ``group``; (0, 1) when there is no group or no process group at all."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessGroup], world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _chunks(n: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
+    step = n if not chunk_size else chunk_size
+    return [(s, min(s + step, n)) for s in range(0, n, max(step, 1))]
+
+
+def _shifted(x_c: torch.Tensor, m_c: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``u = (x - m) / T`` in a fresh fp32 buffer; -inf logits are clamped so that ``0 * u`` stays 0."""
+    if x_c.dtype == torch.float32:
+        u = x_c - m_c.unsqueeze(-1)  # a new tensor: the input is never written
+    else:
+        u = x_c.float().sub_(m_c.unsqueeze(-1))  # the upcast is the new tensor
+    if temperature != 1.0:
+        u.div_(temperature)
+    return u.clamp_(min=torch.finfo(torch.float32).min)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product ``sum(a * b, -1)`` of two ``[n, v]`` fp32 tensors without an ``[n, v]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _sum_without_top(eu: torch.Tensor, top_idx: torch.Tensor, has_top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero ``eu`` at this shard's max entry where that is the global max; (the remaining row sums, the count)."""
+    kept = eu.gather(-1, top_idx) * (~has_top).unsqueeze(-1)
+    eu.scatter_(-1, top_idx, kept)
+    return eu.sum(-1), has_top.float()
+
+
+def _log_sum(rest: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log S, S)`` for ``S = count + rest`` (``count >= 1`` global maxima, each contributing exactly 1)."""
+    extra = rest + (count - 1)
+    return torch.log1p(extra), extra + 1
+
+
+def _local_label(labels: torch.Tensor, vocab_start: int, v_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of tokens whose label lives on this shard, the label's local index clamped into range)."""
+    local = labels - vocab_start
+    on_shard = (local >= 0) & (local < v_local)
+    return on_shard, local.clamp(0, v_local - 1)
+
+
+class _TokenStatsFn(torch.autograd.Function):
+    """Forward: the per-token scalars (two all-reduces). Backward: analytic, communication-free, chunked."""
+
+    @staticmethod
+    def forward(ctx, x, xr, labels, group, temperature, want_ent, want_ref_ent, want_kl, ref_grad, chunk_size):
+        rank, world = _world(group)
+        n, v_local = x.shape
+        has_ref = xr is not None
+        on_shard, idx = _local_label(labels, rank * v_local, v_local)
+
+        # One MAX all-reduce for the raw maxima of both views.
+        loc = [x.detach().max(-1)] + ([xr.detach().max(-1)] if has_ref else [])
+        m_all = _all_reduce(torch.stack([v.values.float() for v in loc], -1), dist.ReduceOp.MAX, group, world)
+        m, mr = m_all[:, 0].contiguous(), (m_all[:, 1].contiguous() if has_ref else None)
+        # Where this shard holds the global max, exp(u) there is exactly 1: it is kept out of the sum and counted
+        # instead, so that log S = log1p(rest + count - 1) stays accurate for near one-hot distributions.
+        top = loc[0].indices.unsqueeze(-1), (loc[0].values.float() == m)
+        top_r = (loc[1].indices.unsqueeze(-1), (loc[1].values.float() == mr)) if has_ref else None
+
+        # Local partial sums, chunk by chunk, into one payload; then one SUM all-reduce.
+        part = torch.zeros(n, _NCOL, dtype=torch.float32, device=x.device)
+        for s, e in _chunks(n, chunk_size):
+            u = _shifted(x[s:e], m[s:e], temperature)
+            part[s:e, _UY] = torch.where(on_shard[s:e], u.gather(-1, idx[s:e, None]).squeeze(-1), 0.0)
+            eu = torch.exp(u)
+            if want_ent or want_kl:
+                part[s:e, _EU] = _dot(eu, u)
+            del u
+            part[s:e, _S], part[s:e, _C] = _sum_without_top(eu, top[0][s:e], top[1][s:e])
+            if has_ref:
+                ur = _shifted(xr[s:e], mr[s:e], temperature)
+                part[s:e, _UYR] = torch.where(on_shard[s:e], ur.gather(-1, idx[s:e, None]).squeeze(-1), 0.0)
+                if want_kl:  # eu has 0 at the top entry: add back 1 * u' there
+                    at_top = ur.gather(-1, top[0][s:e]).squeeze(-1)
+                    part[s:e, _EUX] = _dot(eu, ur) + torch.where(top[1][s:e], at_top, 0.0)
+                torch.exp(ur, out=eu)  # reuse the buffer: p is no longer needed
+                if want_ref_ent:
+                    part[s:e, _EUR] = _dot(eu, ur)
+                del ur
+                part[s:e, _SR], part[s:e, _CR] = _sum_without_top(eu, top_r[0][s:e], top_r[1][s:e])
+            del eu
+        tot = _all_reduce(part, dist.ReduceOp.SUM, group, world)
+
+        valid = labels != IGNORE_INDEX
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        log_s, s_tot = _log_sum(tot[:, _S], tot[:, _C])
+        logprob = torch.where(valid, tot[:, _UY] - log_s, zero)
+        ent = torch.where(valid, log_s - tot[:, _EU] / s_tot, zero) if want_ent else zero.new_zeros(0)
+        log_sr, sr_tot = _log_sum(tot[:, _SR], tot[:, _CR]) if has_ref else (None, None)
+        ref_lp = torch.where(valid, tot[:, _UYR] - log_sr, zero) if has_ref else zero.new_zeros(0)
+        ref_ent = torch.where(valid, log_sr - tot[:, _EUR] / sr_tot, zero) if want_ref_ent else zero.new_zeros(0)
+        kl = (torch.where(valid, (tot[:, _EU] - tot[:, _EUX]) / s_tot - log_s + log_sr, zero)
+              if want_kl else zero.new_zeros(0))
+
+        ctx.save_for_backward(x, xr, labels, m, mr, log_s, log_sr, ent, ref_ent, kl)
+        ctx.cfg = (rank, temperature, chunk_size, want_ent, want_ref_ent, want_kl)
+        if has_ref and not ref_grad:
+            ctx.mark_non_differentiable(ref_lp, ref_ent)
+        return logprob, ent, ref_lp, ref_ent, kl
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_rlp, g_rent, g_kl):
+        x, xr, labels, m, mr, log_s, log_sr, ent, ref_ent, kl = ctx.saved_tensors
+        rank, temperature, chunk_size, want_ent, want_ref_ent, want_kl = ctx.cfg
+        need_x, need_xr = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, v_local = x.shape
+        valid = (labels != IGNORE_INDEX).float()
+        on_shard, idx = _local_label(labels, rank * v_local, v_local)
+        g_lp = g_lp.float() * valid
+        g_ent = g_ent.float() * valid if want_ent else torch.zeros_like(g_lp)
+        g_kl = g_kl.float() * valid if want_kl else torch.zeros_like(g_lp)
+        has_ref = xr is not None
+        if has_ref:
+            g_rlp = g_rlp.float() * valid
+            g_rent = g_rent.float() * valid if want_ref_ent else torch.zeros_like(g_lp)
+        ent_ = ent if want_ent else torch.zeros_like(g_lp)
+        kl_ = kl if want_kl else torch.zeros_like(g_lp)
+        rent_ = ref_ent if want_ref_ent else torch.zeros_like(g_lp)
+        need_q = has_ref and (want_kl or need_xr)
+
+        gx = torch.empty_like(x) if need_x else None
+        gxr = torch.empty_like(xr) if need_xr else None
+        for s, e in _chunks(n, chunk_size):
+            sl = slice(s, e)
+            logp = _shifted(x[sl], m[sl], temperature).sub_(log_s[sl, None])
+            logq = _shifted(xr[sl], mr[sl], temperature).sub_(log_sr[sl, None]) if need_q else None
+            if need_x:
+                # dz = p * ((g_kl - g_ent) * log p - g_kl * log q + c),  c = -g_lp - g_ent*H - g_kl*KL; plus g_lp at y
+                c = -g_lp[sl] - g_ent[sl] * ent_[sl] - g_kl[sl] * kl_[sl]
+                buf = torch.mul(logp, (g_kl[sl] - g_ent[sl]).unsqueeze(-1), out=_out_buf(gx, sl))
+                if want_kl:
+                    buf.addcmul_(logq, -g_kl[sl].unsqueeze(-1))
+                buf.add_(c.unsqueeze(-1))
+                logp.exp_()  # now p
+                buf.mul_(logp)
+                _add_onehot(buf, on_shard[sl], idx[sl], g_lp[sl])
+                _store(gx[sl], buf, temperature)
+                del buf
+            else:
+                logp.exp_()
+            if need_xr:
+                # dz' = q * (-g_rent * log q + c'),  c' = -g_rlp - g_rent*H' + g_kl;  minus g_kl * p;  plus g_rlp at y
+                cr = -g_rlp[sl] - g_rent[sl] * rent_[sl] + g_kl[sl]
+                buf = torch.mul(logq, (-g_rent[sl]).unsqueeze(-1), out=_out_buf(gxr, sl))
+                buf.add_(cr.unsqueeze(-1))
+                buf.mul_(logq.exp_())
+                buf.addcmul_(logp, -g_kl[sl].unsqueeze(-1))
+                _add_onehot(buf, on_shard[sl], idx[sl], g_rlp[sl])
+                _store(gxr[sl], buf, temperature)
+                del buf
+            del logp, logq
+        return gx, gxr, None, None, None, None, None, None, None, None
+
+
+def _add_onehot(buf: torch.Tensor, on_shard: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> None:
+    """``buf[i, idx[i]] += g[i]`` for rows whose label lives on this shard."""
+    buf.scatter_add_(-1, idx.unsqueeze(-1), torch.where(on_shard, g, 0.0).unsqueeze(-1))
+
+
+def _out_buf(grad: torch.Tensor, sl: slice) -> torch.Tensor:
+    """Where a chunk's fp32 gradient is built: the gradient rows themselves when fp32, else a temporary."""
+    rows = grad[sl]
+    return rows if rows.dtype == torch.float32 else torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+
+
+def _store(out: torch.Tensor, buf: torch.Tensor, temperature: float) -> None:
+    """``out = buf / T`` (chain rule of the temperature), cast to the input dtype unless built in place."""
+    if temperature != 1.0:
+        buf.div_(temperature)
+    if buf.data_ptr() != out.data_ptr():
+        out.copy_(buf)
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], temperature: float,
+           chunk_size: Optional[int], world: int, ref_flags: bool) -> None:
+    if not logits.is_floating_point():
+        raise ValueError(f"token_stats: logits must be floating point, got {logits.dtype}")
+    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"token_stats: labels shape {tuple(labels.shape)} must equal logits shape[:-1] "
+                         f"{tuple(logits.shape[:-1])}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_stats: labels must be int64/int32 token ids, got {labels.dtype}")
+    if ref_logits is not None and (ref_logits.shape != logits.shape or ref_logits.dtype != logits.dtype):
+        raise ValueError(f"token_stats: ref_logits {tuple(ref_logits.shape)}/{ref_logits.dtype} must match logits "
+                         f"{tuple(logits.shape)}/{logits.dtype}")
+    if ref_logits is None and ref_flags:
+        raise ValueError("token_stats: ref_entropy/kl/ref_requires_grad need ref_logits (the masked view)")
+    if not temperature > 0:
+        raise ValueError(f"token_stats: temperature must be > 0, got {temperature}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"token_stats: chunk_size must be a positive int or None, got {chunk_size!r}")
+    v_global = logits.shape[-1] * world
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= v_global))
+    if labels.numel() and bool(bad.any()):
+        raise ValueError(f"token_stats: label {int(labels[bad][0])} outside [0, {v_global}) and not {IGNORE_INDEX}")
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, group: Optional[dist.ProcessGroup], *,
+                ref_logits: Optional[torch.Tensor] = None, temperature: float = 1.0, entropy: bool = False,
+                ref_entropy: bool = False, kl: bool = False, ref_requires_grad: bool = False,
+                chunk_size: Optional[int] = None) -> TokenStats:
+    """Log-probs (and optionally entropies and KL(p || q)) of vocab-parallel logits, differentiable.
+
+    Args:
+        logits: ``[..., V_local]`` this rank's vocab shard of the original view (any float dtype).
+        labels: ``[...]`` global token ids; ``-100`` marks ignored tokens (all outputs 0, no gradient).
+        group: the tensor-parallel group splitting the vocabulary; ``None`` or size 1 = whole vocab here.
+        ref_logits: ``[..., V_local]`` the second (masked) view; ``ref_logprob`` is returned whenever it is given.
+        temperature: logits of both views are divided by it first.
+        entropy / ref_entropy / kl: also return H(p), H(q), KL(p || q) over the full vocabulary.
+        ref_requires_grad: let gradients reach ``ref_logits`` (else the ref outputs are constants).
+        chunk_size: process this many tokens at a time (bounds forward and backward memory).
+
+    Returns:
+        :class:`TokenStats`, float32 tensors of shape ``labels.shape``.
+    """
+    _, world = _world(group)
+    _check(logits, labels, ref_logits, temperature, chunk_size, world,
+           ref_flags=ref_entropy or kl or ref_requires_grad)
+    lead = labels.shape
+    x = logits.reshape(-1, logits.shape[-1])
+    xr = None
+    if ref_logits is not None:
+        xr = ref_logits.reshape(-1, ref_logits.shape[-1])
+        if not ref_requires_grad:
+            xr = xr.detach()
+    lp, ent, rlp, rent, kl_t = _TokenStatsFn.apply(
+        x, xr, labels.reshape(-1).long(), group, float(temperature), entropy, ref_entropy, kl, ref_requires_grad,
+        chunk_size)
+    has_ref = ref_logits is not None
+    return TokenStats(
+        logprob=lp.view(lead),
+        ref_logprob=rlp.view(lead) if has_ref else None,
+        entropy=ent.view(lead) if entropy else None,
+        ref_entropy=rent.view(lead) if ref_entropy else None,
+        kl=kl_t.view(lead) if kl else None,
+    )
