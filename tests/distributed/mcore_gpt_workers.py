@@ -124,3 +124,39 @@ def _reseed_by_global_name(model, groups) -> None:
             elif d is not None:
                 full = full.chunk(groups.tp_size, d)[groups.tp_rank]
             p.copy_(full)
+
+
+def save_then_logits(tp: int = 1, pp: int = 1, ckpt: str = "", mode: str = "save") -> dict:
+    """mode=save: build the reseeded model, save a dist-checkpoint, return logits.
+    mode=load: build a model with a different init, load the checkpoint, return logits."""
+    import torch.distributed as dist
+
+    from megatron_papo.checkpoint.dist import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_papo.parallel import init_distributed
+
+    groups = init_distributed(ParallelConfig(tp=tp, pp=pp), seed=1)
+    model = _build(groups, groups.is_first_stage, groups.is_last_stage)
+    if mode == "save":
+        _reseed_by_global_name(model, groups)
+        save_checkpoint(ckpt, 3, [model], trainer_state={"note": "x"})
+    else:
+        state = load_checkpoint(latest_checkpoint(ckpt), [model])
+        assert state["step"] == 3 and state["note"] == "x"
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(SEQ).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        if groups.pp_size == 1:
+            out = model(tokens, pos, None)
+        else:  # run the two stages by hand: stage 0 sends hidden states to stage 1
+            ranks = groups.pp_stage_ranks()
+            if groups.is_first_stage:
+                h = model(tokens, pos, None)
+                dist.send(h.contiguous(), ranks[1])
+                return {"logits": None}
+            h = torch.empty(SEQ, 2, HIDDEN)
+            dist.recv(h, ranks[0])
+            model.set_input_tensor(h)
+            out = model(None, pos, None)
+    full = [torch.empty_like(out) for _ in range(groups.tp_size)]
+    dist.all_gather(full, out.contiguous(), group=groups.tp_group)
+    return {"logits": torch.cat(full, dim=-1).tolist()}

@@ -1,0 +1,1 @@
+"""Checkpoints: atomic mcore dist-checkpoints (dist.py) and HF import/export."""
