@@ -8,7 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from megatron_papo.config.base import field
+from megatron_papo.config.base import ConfigError, field
+
+# Names implemented in megatron_papo.algos (kept here so the config does not import torch;
+# tests/unit/test_algos_config.py checks they equal the algorithm registries).
+ADV_ESTIMATORS = ("dapo", "drgrpo", "grpo", "rloo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGG_MODES = ("microbatch_token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_mean")
 
 
 @dataclass
@@ -53,3 +59,31 @@ class AlgoConfig:
     overlong_buffer: int = field(
         0, help="DAPO soft overlong punishment: buffer length before the max response length; 0 = off (PAPO: off)")
     overlong_penalty: float = field(1.0, help="DAPO soft overlong punishment maximum (added to the score as -penalty)")
+
+    def __post_init__(self) -> None:
+        for name, known in (("adv_estimator", ADV_ESTIMATORS), ("kl_estimator", KL_ESTIMATORS),
+                            ("loss_agg_mode", LOSS_AGG_MODES)):
+            value = getattr(self, name)
+            if value not in known:
+                raise ConfigError(f"algo.{name}: got {value!r}, expected one of {', '.join(known)}")
+        if not 0.0 <= self.clip_ratio_low < 1.0:
+            raise ConfigError(f"algo.clip_ratio_low: got {self.clip_ratio_low}, expected 0 <= value < 1")
+        if self.clip_ratio_high < 0.0:
+            raise ConfigError(f"algo.clip_ratio_high: got {self.clip_ratio_high}, expected >= 0")
+        if self.clip_ratio_dual <= 1.0:
+            raise ConfigError(f"algo.clip_ratio_dual: got {self.clip_ratio_dual}, expected > 1 (dual-clip PPO; default 3)")
+        for name in ("kl_coef", "kl_prcp_coef", "kl_prcp_clip", "ori_entropy_coef", "aug_entropy_coef",
+                     "log_ratio_clamp", "kl_value_clamp", "overlong_penalty"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"algo.{name}: got {getattr(self, name)}, expected >= 0")
+        if not 0.0 <= self.kl_prcp_top_p < 1.0:
+            raise ConfigError(f"algo.kl_prcp_top_p: got {self.kl_prcp_top_p}, expected 0 (off) or a fraction in (0, 1)")
+        if not 0.0 < self.kl_prcp_anneal_ratio <= 1.0:
+            raise ConfigError(f"algo.kl_prcp_anneal_ratio: got {self.kl_prcp_anneal_ratio}, expected a fraction in (0, 1]")
+        if not 0.0 <= self.dynamic_sampling_low < self.dynamic_sampling_high <= 1.0:
+            raise ConfigError(f"algo.dynamic_sampling_low/high: got ({self.dynamic_sampling_low}, "
+                              f"{self.dynamic_sampling_high}), expected 0 <= low < high <= 1")
+        if self.dynamic_sampling_key not in ("accuracy", "overall", "format"):
+            raise ConfigError(f"algo.dynamic_sampling_key: got {self.dynamic_sampling_key!r}, expected accuracy | overall | format")
+        if self.overlong_buffer < 0:
+            raise ConfigError(f"algo.overlong_buffer: got {self.overlong_buffer}, expected >= 0 (0 = off)")
