@@ -1,0 +1,90 @@
+"""Config system: recipes, overrides, strict typing, one-line errors, dump round trip, CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megatron_papo.config import Config, ConfigError, dump, from_dict, load_config, to_dict
+from megatron_papo.parallel.dims import ParallelDims
+
+
+def test_defaults_are_papo_g():
+    cfg = load_config(None)
+    assert cfg.algo.clip_ratio_low == 0.2 and cfg.algo.clip_ratio_high == 0.3 and cfg.algo.clip_ratio_dual == 3.0
+    assert cfg.rollout.n == 5 and cfg.rollout.top_p == 0.99 and cfg.data.mask_prob == 0.6 and cfg.data.mask_size == 14
+
+
+def test_overrides_and_types():
+    cfg = load_config(None, ["parallel.tp=2", "optim.lr=3e-4", "logging.tensorboard=false", "rollout.n=8"])
+    assert cfg.parallel.tp == 2 and cfg.optim.lr == 3e-4 and cfg.logging.tensorboard is False and cfg.rollout.n == 8
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("parallel.tp=abc", "parallel.tp: got 'abc', expected int"),
+    ("foo.bar=1", "unknown config key 'foo'"),
+    ("parallel.tpp=2", "unknown config key 'parallel.tpp'"),
+    ("algo.kl_prcp_estimator=magic", "expected one of ['k3_sampled', 'exact']"),
+    ("logging.tensorboard=maybe", "expected bool"),
+    ("optim.rollout_batch_size=100", "must be a multiple of optim.global_batch_size"),
+    ("model.fp8=e4m3", "needs model.transformer_impl=transformer_engine"),
+    ("parallel", "not of the form key.sub=value"),
+])
+def test_bad_overrides_one_line(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_file_and_base(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"seed": 7, "optim": {"lr": 0.1}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": str(base), "optim": {"weight_decay": 0.5}}))
+    cfg = load_config(str(child), ["optim.lr=0.2"])
+    assert cfg.seed == 7 and cfg.optim.lr == 0.2 and cfg.optim.weight_decay == 0.5
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="known recipes"):
+        load_config("no_such_recipe_name")
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(None, ["parallel.pp=2", "algo.kl_prcp_coef=0.01"])
+    dump(cfg, tmp_path / "c.yaml")
+    dump(cfg, tmp_path / "c.json")
+    again = from_dict(Config, yaml.safe_load((tmp_path / "c.yaml").read_text()))
+    assert to_dict(again) == to_dict(cfg) == json.loads((tmp_path / "c.json").read_text())
+
+
+def test_parallel_dims_messages():
+    with pytest.raises(ConfigError) as e:
+        ParallelDims(world_size=6, tp=4, pp=1).validate()
+    assert "tp(4)*pp(1)*cp(1)=4 does not divide world_size 6" in str(e.value)
+    assert ParallelDims(world_size=8, tp=2, pp=2).validate().dp == 2
+    with pytest.raises(ConfigError, match=r"attention heads \(6\) not divisible by parallel.tp \(4\)"):
+        ParallelDims(world_size=4, tp=4).check_model(num_heads=6, num_kv_heads=2, num_layers=4)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["config", "parallel.tp=x"], "parallel.tp: got 'x', expected int"),
+    (["config", "--config", "missing_recipe"], "recipe 'missing_recipe' not found"),
+    (["config", "nosuch.key=1"], "unknown config key 'nosuch'"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_line(args, fragment):
+    proc = subprocess.run([sys.executable, "-m", "megatron_papo.cli", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
