@@ -22,6 +22,7 @@ from typing import Any, Union
 import torch
 
 from megatron_papo.algos.registry import Registry
+from megatron_papo.utils.logging import warn_once
 
 GroupIds = Union[torch.Tensor, Sequence[Any]]
 ADVANTAGES: Registry[Callable[..., torch.Tensor]] = Registry("advantage estimator")
@@ -47,6 +48,8 @@ def _group_stats(scores_B: torch.Tensor, group_ids: GroupIds) -> tuple[torch.Ten
         raise ValueError(f"group_ids has {idx.numel()} entries but scores_B has {s.numel()}")
     count = _group_sums(torch.ones_like(s), idx, g)[idx]
     total = _group_sums(s, idx, g)[idx]
+    if bool((count < 2).any()):
+        warn_once("advantages: some prompt groups have a single response; their advantage is set to 0 (no baseline)")
     return s, count, total, total / count
 
 

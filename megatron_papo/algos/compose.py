@@ -51,7 +51,10 @@ class LossInputs:
     are constants. ``aug_logprob`` / ``aug_entropy`` are the masked view (constants in detached
     mode). ``entropy`` / ``aug_entropy`` are exact entropies (needed with entropy_estimator=exact),
     ``kl_exact`` the exact per-token KL(original || masked) (kl_prcp_estimator=exact).
-    ``advantages`` is ``[B]`` or ``[B, T]``.
+    ``advantages`` is ``[B]`` or ``[B, T]``. Values at padded positions (mask 0) are ignored and may
+    be anything, including inf/nan. From ``ops.vocab_parallel.token_stats`` with the masked view as
+    its second view: ``logprob``/``entropy`` <- ``.logprob``/``.entropy``, ``aug_logprob`` <-
+    ``.ref_logprob``, ``aug_entropy`` <- ``.ref_entropy``, ``kl_exact`` <- ``.kl`` (KL(original || masked)).
     """
 
     logprob: torch.Tensor
@@ -131,6 +134,23 @@ def _maybe_detach(t: Optional[torch.Tensor], detach: bool) -> Optional[torch.Ten
     return None if t is None else (t.detach() if detach else t)
 
 
+def _clean(x: LossInputs) -> LossInputs:
+    """Inputs promoted to >= float32 with padded positions set to 0 (so inf/nan there cannot poison gradients)."""
+    keep = x.response_mask > 0
+
+    def fix(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        if t.shape != keep.shape:
+            raise ValueError(f"per-token input of shape {tuple(t.shape)} does not match response_mask {tuple(keep.shape)}")
+        t = t if t.dtype == torch.float64 else t.float()
+        return torch.where(keep, t, torch.zeros_like(t))
+
+    adv = x.advantages if x.advantages.dim() == 1 else fix(x.advantages)
+    return LossInputs(fix(x.logprob), fix(x.old_logprob), adv, x.response_mask, fix(x.ref_logprob), fix(x.aug_logprob),
+                      fix(x.entropy), fix(x.aug_entropy), fix(x.kl_exact))
+
+
 def _entropy_terms(x: LossInputs, spec: LossSpec) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(H_ori, H_aug) per token by the configured estimator; None where the input is absent."""
     detach = spec.aug_mode == "detached"
@@ -147,7 +167,7 @@ def papo_loss(inputs: LossInputs, spec: LossSpec, *, global_tokens: Optional[Num
     Normalisers (:mod:`aggregate`): ``global_tokens`` / ``global_seqs`` count the whole mini-batch
     over micro-batches and DP ranks, ``num_microbatches`` likewise; None = this micro-batch alone.
     """
-    x, mask = inputs, inputs.response_mask
+    x, mask = _clean(inputs), inputs.response_mask
     agg_kw = dict(global_tokens=global_tokens, global_seqs=global_seqs, num_microbatches=num_microbatches)
 
     def agg(v: torch.Tensor) -> torch.Tensor:

@@ -217,3 +217,32 @@ def test_spec_rejects_unknown_names():
         LossSpec(agg_mode="seq")
     with pytest.raises(ValueError, match="kl_prcp_top_p"):
         LossSpec(kl_prcp_top_p=1.0)
+
+
+def test_garbage_at_padded_positions_is_harmless():
+    def build(pad_value):
+        lc, l_old, l_ref, l_aug, adv, mask = _example()
+        rows = [[list(r) for r in arr] for arr in (lc, l_old, l_ref, l_aug)]
+        for arr in rows:
+            arr[1][3], arr[2][3] = pad_value, float("-inf")
+        lp = torch.tensor(rows[0], dtype=D, requires_grad=True)
+        x = LossInputs(lp, torch.tensor(rows[1], dtype=D), torch.tensor(adv, dtype=D), torch.tensor(mask),
+                       ref_logprob=torch.tensor(rows[2], dtype=D), aug_logprob=torch.tensor(rows[3], dtype=D))
+        loss, _ = papo_loss(x, SPEC, global_tokens=None, global_seqs=None, num_microbatches=1)
+        loss.backward()
+        return loss, lp.grad
+
+    clean_loss, clean_grad = build(0.0)
+    loss, grad = build(float("nan"))
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, clean_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0)
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    lp = torch.tensor([[-1.0, -2.0]], dtype=torch.bfloat16, requires_grad=True)
+    x = LossInputs(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 2))
+    loss, _ = papo_loss(x, LossSpec(), global_tokens=None, global_seqs=None, num_microbatches=1)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert lp.grad.dtype == torch.bfloat16
