@@ -1,0 +1,145 @@
+"""Dataset loading (parquet / jsonl / save_to_disk / synthetic), row validation, length filter, sampler."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_papo.config.base import ConfigError
+from megatron_papo.config.data import DataConfig
+from megatron_papo.data.dataset import EpochSampler, PromptDataset, PromptLoader, load_prompt_dataset
+from megatron_papo.data.synthetic import synthetic_rows, write_synthetic
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def _png(rgb=(10, 20, 30), size=(56, 56)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "disk"])
+def test_round_trip_formats(tmp_path, processor, fmt):
+    paths = write_synthetic(tmp_path, n_train=12, n_test=4, seed=5, fmt=fmt)
+    ref = synthetic_rows(12, 5)
+    cfg = DataConfig(format_prompt="short_answer", min_pixels=3136, max_pixels=12544)
+    ds = load_prompt_dataset(str(paths["train"]), cfg, processor)
+    assert len(ds) == 12 and ds.stats["kept"] == 12
+    for i in (0, 7, 11):
+        s = ds.encode(i)
+        assert s.uid == i and s.answer == ref[i]["answer"]
+        assert np.array_equal(np.array(s.images[0]), np.array(ref[i]["images"][0]))
+    assert len(load_prompt_dataset(str(paths["test"]), cfg, processor)) == 4
+
+
+def test_synthetic_source_uses_config(processor):
+    cfg = DataConfig(format_prompt="short_answer", synthetic_train_size=20, synthetic_test_size=8, seed=3)
+    train = load_prompt_dataset("synthetic", cfg, processor, split="train")
+    test = load_prompt_dataset("synthetic", cfg, processor, split="test")
+    assert (len(train), len(test)) == (20, 8)
+    s = train.encode(0)
+    assert s.image_grid_thw.tolist() == [[1, 4, 4]] and s.images[0].size == (56, 56)  # 4 image tokens
+    assert sorted(train.answers()) == sorted(r["answer"] for r in synthetic_rows(20, 3))
+
+
+def _table(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+def test_bad_rows_error_or_skip(processor):
+    good = {"question": "<image>Q", "pics": [{"bytes": _png(), "path": None}], "gt": "a"}
+    rows = [good, {**good, "gt": None}, {**good, "question": "<image><image>Q"}, {**good, "gt": "  "},
+            {**good, "pics": [{"bytes": b"junk", "path": None}]}, good]
+    cfg = DataConfig(prompt_key="question", image_key="pics", answer_key="gt", format_prompt="none")
+    with pytest.raises(ValueError, match=r"row 1: missing answer in column 'gt'; fix the data or set data.on_bad_row=skip"):
+        PromptDataset(_table(rows), cfg, processor, "t")
+    with pytest.raises(ValueError, match=r"row 2: 2 '<image>' placeholders in 'question' but 1 images in 'pics'"):
+        PromptDataset(_table([good, good, rows[2]]), cfg, processor, "t")
+    with pytest.raises(ValueError, match=r"row 0 image 0: cannot decode image bytes"):
+        PromptDataset(_table([rows[4]]), cfg, processor, "t")
+    cfg.on_bad_row = "skip"
+    ds = PromptDataset(_table(rows), cfg, processor, "t")
+    assert ds.kept == [0, 5] and [ds.encode(i).uid for i in range(2)] == [0, 5]
+    assert ds.stats == {"rows": 6, "missing_answer": 2, "image_count": 1, "bad_image": 1, "overlong": 0, "kept": 2}
+
+
+def test_missing_column_is_a_config_error(processor):
+    with pytest.raises(ConfigError, match=r"no column 'problem' \(data.prompt_key\)"):
+        PromptDataset(_table([{"q": "x", "images": [], "answer": "1"}]), DataConfig(), processor, "t")
+
+
+def test_overlong_prompts_filtered_and_counted(processor):
+    small, big = {"bytes": _png(size=(56, 56)), "path": None}, {"bytes": _png(size=(112, 112)), "path": None}
+    rows = [{"problem": "<image>Q", "images": [small], "answer": "1"}, {"problem": "<image>Q", "images": [big], "answer": "1"}]
+    cfg = DataConfig(format_prompt="none", min_pixels=3136, max_pixels=12544)
+    lens = [PromptDataset(_table([r]), cfg, processor, "t").encode(0).prompt_ids.numel() for r in rows]
+    assert lens[1] - lens[0] == 16 - 4  # 112 px -> 16 image tokens, 56 px -> 4
+    cfg.max_prompt_length = lens[0]
+    ds = PromptDataset(_table(rows), cfg, processor, "t")
+    assert ds.kept == [0] and ds.stats["overlong"] == 1
+    cfg.max_prompt_length = lens[0] - 1
+    with pytest.raises(ConfigError, match="no usable rows left"):
+        PromptDataset(_table(rows), cfg, processor, "t")
+
+
+def test_jsonl_relative_paths_and_missing_source(tmp_path, processor):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (56, 56), (1, 2, 3)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "Q", "images": ["img/a.png"], "answer": "x"}) + "\n")
+    ds = load_prompt_dataset(str(tmp_path / "d.jsonl"), DataConfig(format_prompt="none"), processor)
+    assert ds.encode(0).raw_images[0].getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_prompt_dataset(str(tmp_path / "nope.parquet"), DataConfig(), processor)
+    (tmp_path / "x.csv").write_text("a\n")
+    with pytest.raises(ConfigError, match="unsupported file type '.csv'"):
+        load_prompt_dataset(str(tmp_path / "x.csv"), DataConfig(), processor)
+
+
+def test_sampler_deterministic_epochs_and_exact_resume():
+    s = EpochSampler(10, 3, seed=7)
+    batches = [s.next_indices() for _ in range(7)]  # 3 full batches per epoch, tail of 1 dropped
+    assert s.batches_per_epoch == 3
+    for e in range(2):
+        epoch = batches[3 * e:3 * e + 3]
+        flat = [i for b in epoch for i in b]
+        assert len(set(flat)) == 9 and flat == list(np.random.default_rng([7, e]).permutation(10)[:9])
+    assert batches[:3] != batches[3:6]
+    again = EpochSampler(10, 3, seed=7)
+    assert [again.next_indices() for _ in range(7)] == batches
+    # resume after 4 batches: the rest is identical
+    part = EpochSampler(10, 3, seed=7)
+    for _ in range(4):
+        part.next_indices()
+    state = part.state_dict()
+    assert state == {"epoch": 1, "index": 3}
+    resumed = EpochSampler(10, 3, seed=7)
+    resumed.load_state_dict(state)
+    assert [resumed.next_indices() for _ in range(3)] == batches[4:7]
+    assert EpochSampler(5, 5, 0, shuffle=False).next_indices() == [0, 1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="batch of 6 prompts needs at least that many rows, dataset has 5"):
+        EpochSampler(5, 6, 0)
+
+
+def test_loader_batches_have_stable_uids(processor):
+    cfg = DataConfig(format_prompt="short_answer", synthetic_train_size=8)
+    ds = load_prompt_dataset("synthetic", cfg, processor)
+    loader = PromptLoader(ds, 4, seed=1)
+    first = loader.next_batch()
+    state = loader.state_dict()
+    second = loader.next_batch()
+    assert sorted(s.uid for s in first + second) == list(range(8))
+    loader2 = PromptLoader(ds, 4, seed=1)
+    loader2.load_state_dict(state)
+    assert [s.uid for s in loader2.next_batch()] == [s.uid for s in second]
