@@ -246,3 +246,25 @@ def test_bf16_inputs_are_computed_in_fp32():
     assert loss.dtype == torch.float32
     loss.backward()
     assert lp.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    """Device handling (not run on CPU CI): the same example on CUDA gives the CPU loss and gradient."""
+    from megatron_papo.algos import compute_advantages
+
+    def run(device):
+        lc, l_old, l_ref, l_aug, adv, mask = _example()
+        t = lambda v: torch.tensor(v, dtype=D, device=device)
+        lp = t(lc).requires_grad_(True)
+        x = LossInputs(lp, t(l_old), t(adv), torch.tensor(mask, device=device), ref_logprob=t(l_ref), aug_logprob=t(l_aug))
+        loss, m = papo_loss(x, SPEC.replace(kl_prcp_top_p=0.5, kl_prcp_clip=0.2), global_tokens=10, global_seqs=3,
+                            num_microbatches=1)
+        loss.backward()
+        a = compute_advantages("grpo", t([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1], device=device))
+        return loss.item(), lp.grad.cpu(), {k: v.item() for k, v in m.items()}, a.cpu()
+
+    cpu, gpu = run("cpu"), run("cuda")
+    assert gpu[0] == pytest.approx(cpu[0], rel=1e-12) and gpu[2] == pytest.approx(cpu[2], rel=1e-12)
+    torch.testing.assert_close(gpu[1], cpu[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gpu[3], cpu[3])
