@@ -27,6 +27,14 @@ Modes (``v`` values, ``m`` mask, sums over the micro-batch):
 - ``seq_mean_token_sum``: ``sum_i sum_t v m / global_seqs`` -> mean over responses of their
   token sums.
 
+With Megatron-Core's ``forward_backward_func`` (0.16) the SUM contract needs care, because by
+default mcore divides each micro-batch loss by ``num_microbatches`` (2-tuple loss_func) and DDP
+averages gradients over DP. Either (a) set ``config.calculate_per_token_loss=True`` (DDP then sums,
+the schedule does not divide a 3-tuple loss) and make ``finalize_model_grads_func`` call
+``finalize_model_grads(model, None, ...)`` so it does not divide by mcore's own token count; or
+(b) keep the defaults and return ``loss * num_microbatches`` (global count, i.e. per-rank count x
+DP size) from the 2-tuple loss_func, which undoes both divisions.
+
 When a normaliser is ``None`` the local micro-batch count is used, which is exact only for a
 single micro-batch on a single rank (handy in tests and offline analysis).
 """
