@@ -66,3 +66,23 @@ def test_gamma_schedules_and_discount():
     assert entropy_discount(0.01, 0.02) == 0.5 and entropy_discount(0.02, 0.02) == 1.0 and entropy_discount(0.0, 0.0) == 1.0
     with pytest.raises(KeyError, match="known: constant, annealing"):
         kl_prcp_gamma(0, 10, schedule="fixed")
+
+
+def test_k3_sampled_expectation_equals_exact_kl_original_vs_masked():
+    """E_{y ~ p}[k3 with ratio q/p] = KL(p || q) exactly: both estimators measure the same direction."""
+    g = torch.Generator().manual_seed(3)
+    logp = torch.log_softmax(torch.randn(4, 7, generator=g, dtype=torch.float64), -1)   # original view, 4 tokens
+    logq = torch.log_softmax(torch.randn(4, 7, generator=g, dtype=torch.float64), -1)   # masked view
+    exact = (logp.exp() * (logp - logq)).sum(-1)
+    per_y = kl_prcp_per_token(logp, aug_logprob_BT=logq, value_clamp=None)              # k3 for every vocab entry
+    torch.testing.assert_close((logp.exp() * per_y).sum(-1), exact, rtol=1e-12, atol=1e-14)
+
+
+def test_gradient_directions_of_the_perception_term():
+    """papo_spec §3.4: minimising -gamma*k3 raises l where pi_theta > pi_mask and lowers it where pi_mask > pi_theta."""
+    lp = torch.tensor([[-0.5, -2.0]], dtype=torch.float64, requires_grad=True)
+    l_aug = torch.tensor([[-1.5, -1.0]], dtype=torch.float64)
+    (-0.1 * kl_prcp_per_token(lp, aug_logprob_BT=l_aug).sum()).backward()
+    descent = -lp.grad[0]
+    assert descent[0] > 0 and descent[1] < 0
+    assert abs(lp.grad[0, 0].item()) < 0.1    # bounded by gamma on the pi_theta > pi_mask side
