@@ -25,7 +25,8 @@ class DataConfig:
 
     train: str = field("synthetic", help="'synthetic', an HF dataset dir (save_to_disk), or a .parquet/.jsonl file")
     test: str = field("synthetic", help="eval split source (same forms as train)")
-    split: str = field("train", help="split to take when an HF dataset dir holds a DatasetDict")
+    train_split: str = field("train", help="split of a DatasetDict dir (save_to_disk) used for training")
+    test_split: str = field("test", help="split of a DatasetDict dir (save_to_disk) used for evaluation")
     synthetic_train_size: int = field(2048, help="rows in the synthetic train split")
     synthetic_test_size: int = field(256, help="rows in the synthetic test split")
     synthetic_image_size: int = field(56, help="side of the synthetic task's square images (px); 56 -> 4 image tokens")

@@ -2,9 +2,9 @@
 
 Sources: ``synthetic`` (the embedded task, ``data/synthetic.py``), a ``.parquet`` file, a ``.jsonl``/
 ``.json`` file (relative image paths resolved against the file's directory), or a directory written
-by ``save_to_disk`` (a ``DatasetDict`` picks ``split``). Columns ``cfg.prompt_key``/``image_key``/
-``answer_key`` are renamed to the canonical ``problem``/``images``/``answer``; ``uid`` is the row's
-index in the source (stable across runs and resumes).
+by ``save_to_disk`` (a ``DatasetDict`` picks ``data.train_split``/``test_split``; a lone split is used
+as is). Columns ``cfg.prompt_key``/``image_key``/``answer_key`` are renamed to the canonical
+``problem``/``images``/``answer``; ``uid`` is the row's index in the source (stable across runs and resumes).
 
 Validation at load (one pass; images are decoded once and dropped): missing answer, ``<image>`` count
 != number of images (0 placeholders is allowed: images go first), undecodable image -> a one-line error
@@ -55,7 +55,7 @@ def load_table(source: str, cfg: DataConfig, split: str = "train") -> tuple[Any,
             elif len(obj) == 1:
                 obj = next(iter(obj.values()))
             else:
-                raise ConfigError(f"data source '{source}' has splits {list(obj)}, not '{split}'; set data.split")
+                raise ConfigError(f"data source '{source}' has splits {list(obj)}, not '{split}'; set data.train_split/test_split")
         return obj, path
     if not path.is_file():
         raise ConfigError(f"data source '{source}' does not exist; expected 'synthetic', a .parquet/.jsonl file or a save_to_disk dir")
@@ -177,6 +177,15 @@ def load_prompt_dataset(source: str, cfg: DataConfig, processor: Any, split: str
     """Load, canonicalise, validate and length-filter ``source`` (see module docstring)."""
     table, base_dir = load_table(source, cfg, split)
     return PromptDataset(table, cfg, processor, source, base_dir)
+
+
+def load_split(cfg: DataConfig, processor: Any, which: str) -> PromptDataset:
+    """The configured ``"train"`` (``cfg.train``) or ``"test"`` (``cfg.test``) prompts."""
+    if which not in ("train", "test"):
+        raise ValueError(f"load_split: which must be 'train' or 'test', got '{which}'")
+    source = cfg.train if which == "train" else cfg.test
+    split = which if source == "synthetic" else (cfg.train_split if which == "train" else cfg.test_split)
+    return load_prompt_dataset(source, cfg, processor, split)
 
 
 class EpochSampler:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from megatron_papo.config.base import ConfigError
 from megatron_papo.config.data import DataConfig
-from megatron_papo.data.dataset import EpochSampler, PromptDataset, PromptLoader, load_prompt_dataset
+from megatron_papo.data.dataset import EpochSampler, PromptDataset, PromptLoader, load_prompt_dataset, load_split
 from megatron_papo.data.synthetic import synthetic_rows, write_synthetic
 
 
@@ -40,6 +40,23 @@ def test_round_trip_formats(tmp_path, processor, fmt):
         assert s.uid == i and s.answer == ref[i]["answer"]
         assert np.array_equal(np.array(s.images[0]), np.array(ref[i]["images"][0]))
     assert len(load_prompt_dataset(str(paths["test"]), cfg, processor)) == 4
+
+
+def test_dataset_dict_dir_and_load_split(tmp_path, processor):
+    import datasets
+
+    from megatron_papo.data.synthetic import build_synthetic_dataset
+
+    dd = datasets.DatasetDict({"train": build_synthetic_dataset(6, 2), "validation": build_synthetic_dataset(3, 2, split="test")})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    cfg = DataConfig(train=str(tmp_path / "dd"), test=str(tmp_path / "dd"), test_split="validation", format_prompt="none")
+    assert (len(load_split(cfg, processor, "train")), len(load_split(cfg, processor, "test"))) == (6, 3)
+    cfg.test_split = "dev"
+    with pytest.raises(ConfigError, match=r"has splits \['train', 'validation'\], not 'dev'"):
+        load_split(cfg, processor, "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a save_to_disk dataset"):
+        load_prompt_dataset(str(tmp_path / "empty"), cfg, processor)
 
 
 def test_synthetic_source_uses_config(processor):
