@@ -31,11 +31,15 @@ Counting the max entries exactly (they contribute exactly 1 each) gives ``log S 
 keeps near one-hot log-probs and entropies accurate to fp32 relative precision.
 Ignored tokens (label ``-100``) are computed like the others but their outputs and gradients are 0.
 
-Memory. Work proceeds over token chunks (``chunk_size`` rows; default: all rows at once). Per chunk
-the forward holds at most two fp32 ``[chunk, V_local]`` temporaries (both views together), the
-backward recomputes the softmax from the saved inputs (no softmax tensor is saved) and holds one
-fp32 temporary per view plus the gradient being written. Inputs are never modified in place;
-bf16/fp16 inputs are upcast chunk by chunk and accumulated in fp32. All outputs are fp32.
+Memory. Work proceeds over blocks of token rows: at most ``chunk_size`` rows (default: all), and on
+CPU additionally at most ~8 MiB of fp32 per work buffer, which keeps every pass of a block in cache and
+is several times faster than whole-shard passes (fresh multi-GiB temporaries cost page faults). The
+forward holds three fp32 ``[rows, V_local]`` work buffers for both views together (``u``, ``exp(u)``,
+a product for the row dots); the backward recomputes the softmax from the saved inputs (no softmax
+is saved; only per-token scalars are) and holds one fp32 buffer per view (plus one fp32 staging buffer
+for bf16/fp16 gradients) besides the gradients it returns. Unchunked on GPU that is at most 1.5 local
+shards per view; with chunks or on CPU it is ``rows / N`` of that. Inputs are never modified in place;
+bf16/fp16 inputs are upcast block by block and accumulated in fp32. All outputs are fp32.
 
 This eager torch code is the reference and the CPU path; there is no fused GPU path yet.
 """
@@ -53,6 +57,7 @@ IGNORE_INDEX = -100
 # Column layout of the stacked SUM all-reduce payload.
 _S, _C, _UY, _EU, _SR, _CR, _UYR, _EUR, _EUX = range(9)
 _NCOL = 9
+_CPU_BLOCK_BYTES = 8 << 20  # fp32 bytes per CPU work buffer: keeps a block's passes in cache
 
 
 @dataclass
@@ -79,32 +84,48 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: Optional[dist.Process
     return t
 
 
-def _chunks(n: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
-    step = n if not chunk_size else chunk_size
-    return [(s, min(s + step, n)) for s in range(0, n, max(step, 1))]
+def _block_rows(n: int, v_local: int, chunk_size: Optional[int], device: torch.device) -> int:
+    """Rows per work block: ``chunk_size`` if given, capped on CPU so a block stays cache-sized (~8 MiB fp32)."""
+    rows = chunk_size or n
+    if device.type == "cpu":
+        rows = min(rows, max(1, _CPU_BLOCK_BYTES // (4 * v_local)))
+    return max(1, min(rows, n))
 
 
-def _shifted(x_c: torch.Tensor, m_c: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``u = (x - m) / T`` in a fresh fp32 buffer; -inf logits are clamped so that ``0 * u`` stays 0."""
-    if x_c.dtype == torch.float32:
-        u = x_c - m_c.unsqueeze(-1)  # a new tensor: the input is never written
-    else:
-        u = x_c.float().sub_(m_c.unsqueeze(-1))  # the upcast is the new tensor
+def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def _shifted(x_c: torch.Tensor, m_c: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """``u = (x - m) / T`` in fp32, written into the work buffer ``out`` (never into the input).
+
+    ``-inf`` logits are clamped to the most negative float so that ``exp(u) * u`` stays 0.
+    """
+    u = torch.sub(x_c, m_c.unsqueeze(-1), out=out[: x_c.shape[0]])  # bf16 - fp32 promotes to fp32
     if temperature != 1.0:
         u.div_(temperature)
     return u.clamp_(min=torch.finfo(torch.float32).min)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product ``sum(a * b, -1)`` of two ``[n, v]`` fp32 tensors without an ``[n, v]`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _buffers(count: int, rows: int, v_local: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """``count`` reusable fp32 ``[rows, V_local]`` work buffers (reuse avoids re-faulting fresh pages per block)."""
+    return [torch.empty(rows, v_local, dtype=torch.float32, device=like.device) for _ in range(count)]
 
 
-def _sum_without_top(eu: torch.Tensor, top_idx: torch.Tensor, has_top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero ``eu`` at this shard's max entry where that is the global max; (the remaining row sums, the count)."""
-    kept = eu.gather(-1, top_idx) * (~has_top).unsqueeze(-1)
-    eu.scatter_(-1, top_idx, kept)
-    return eu.sum(-1), has_top.float()
+def _dot(a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product ``sum(a * b, -1)`` of two ``[n, v]`` fp32 blocks, using the work buffer ``tmp``."""
+    return torch.mul(a, b, out=tmp[: a.shape[0]]).sum(-1)
+
+
+def _sum_split_top(eu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row sums of ``eu = exp(u)`` split as (sum of entries below 1, number of entries equal to 1); clobbers ``eu``.
+
+    Entries at the global max are exactly 1; keeping them out of the fp32 sum and counting them instead
+    lets ``log S = log1p(rest + count - 1)`` resolve ``S - 1`` far below fp32's epsilon.
+    """
+    total = eu.sum(-1)
+    rest = eu.frac_().sum(-1)  # frac(1) = 0, frac(e) = e for e < 1
+    return rest, (total - rest).round_()  # the count is an integer; total's rounding error is << 0.5
 
 
 def _log_sum(rest: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,36 +152,32 @@ class _TokenStatsFn(torch.autograd.Function):
         on_shard, idx = _local_label(labels, rank * v_local, v_local)
 
         # One MAX all-reduce for the raw maxima of both views.
-        loc = [x.detach().max(-1)] + ([xr.detach().max(-1)] if has_ref else [])
-        m_all = _all_reduce(torch.stack([v.values.float() for v in loc], -1), dist.ReduceOp.MAX, group, world)
+        maxes = [x.detach().amax(-1).float()] + ([xr.detach().amax(-1).float()] if has_ref else [])
+        m_all = _all_reduce(torch.stack(maxes, -1), dist.ReduceOp.MAX, group, world)
         m, mr = m_all[:, 0].contiguous(), (m_all[:, 1].contiguous() if has_ref else None)
-        # Where this shard holds the global max, exp(u) there is exactly 1: it is kept out of the sum and counted
-        # instead, so that log S = log1p(rest + count - 1) stays accurate for near one-hot distributions.
-        top = loc[0].indices.unsqueeze(-1), (loc[0].values.float() == m)
-        top_r = (loc[1].indices.unsqueeze(-1), (loc[1].values.float() == mr)) if has_ref else None
 
-        # Local partial sums, chunk by chunk, into one payload; then one SUM all-reduce.
+        # Local partial sums, block by block, into one payload; then one SUM all-reduce.
         part = torch.zeros(n, _NCOL, dtype=torch.float32, device=x.device)
-        for s, e in _chunks(n, chunk_size):
-            u = _shifted(x[s:e], m[s:e], temperature)
+        rows = _block_rows(n, v_local, chunk_size, x.device)
+        buf_u, buf_e, buf_t = _buffers(3, rows, v_local, x)
+        for s, e in _chunks(n, rows):
+            u = _shifted(x[s:e], m[s:e], temperature, buf_u)
             part[s:e, _UY] = torch.where(on_shard[s:e], u.gather(-1, idx[s:e, None]).squeeze(-1), 0.0)
-            eu = torch.exp(u)
+            eu = torch.exp(u, out=buf_e[: e - s])
             if want_ent or want_kl:
-                part[s:e, _EU] = _dot(eu, u)
-            del u
-            part[s:e, _S], part[s:e, _C] = _sum_without_top(eu, top[0][s:e], top[1][s:e])
+                part[s:e, _EU] = _dot(eu, u, buf_t)
             if has_ref:
-                ur = _shifted(xr[s:e], mr[s:e], temperature)
+                ur = _shifted(xr[s:e], mr[s:e], temperature, buf_u)  # u is no longer needed
                 part[s:e, _UYR] = torch.where(on_shard[s:e], ur.gather(-1, idx[s:e, None]).squeeze(-1), 0.0)
-                if want_kl:  # eu has 0 at the top entry: add back 1 * u' there
-                    at_top = ur.gather(-1, top[0][s:e]).squeeze(-1)
-                    part[s:e, _EUX] = _dot(eu, ur) + torch.where(top[1][s:e], at_top, 0.0)
-                torch.exp(ur, out=eu)  # reuse the buffer: p is no longer needed
+                if want_kl:
+                    part[s:e, _EUX] = _dot(eu, ur, buf_t)
+            part[s:e, _S], part[s:e, _C] = _sum_split_top(eu)
+            if has_ref:
+                eu = torch.exp(ur, out=eu)  # p is no longer needed
                 if want_ref_ent:
-                    part[s:e, _EUR] = _dot(eu, ur)
-                del ur
-                part[s:e, _SR], part[s:e, _CR] = _sum_without_top(eu, top_r[0][s:e], top_r[1][s:e])
-            del eu
+                    part[s:e, _EUR] = _dot(eu, ur, buf_t)
+                part[s:e, _SR], part[s:e, _CR] = _sum_split_top(eu)
+        del buf_u, buf_e, buf_t
         tot = _all_reduce(part, dist.ReduceOp.SUM, group, world)
 
         valid = labels != IGNORE_INDEX
@@ -202,14 +219,17 @@ class _TokenStatsFn(torch.autograd.Function):
 
         gx = torch.empty_like(x) if need_x else None
         gxr = torch.empty_like(xr) if need_xr else None
-        for s, e in _chunks(n, chunk_size):
+        rows = _block_rows(n, v_local, chunk_size, x.device)
+        buf_p, buf_q = _buffers(2 if need_q else 1, rows, v_local, x) + ([] if need_q else [None])
+        stage = _buffers(1, rows, v_local, x)[0] if x.dtype != torch.float32 else None
+        for s, e in _chunks(n, rows):
             sl = slice(s, e)
-            logp = _shifted(x[sl], m[sl], temperature).sub_(log_s[sl, None])
-            logq = _shifted(xr[sl], mr[sl], temperature).sub_(log_sr[sl, None]) if need_q else None
+            logp = _shifted(x[sl], m[sl], temperature, buf_p).sub_(log_s[sl, None])
+            logq = _shifted(xr[sl], mr[sl], temperature, buf_q).sub_(log_sr[sl, None]) if need_q else None
             if need_x:
                 # dz = p * ((g_kl - g_ent) * log p - g_kl * log q + c),  c = -g_lp - g_ent*H - g_kl*KL; plus g_lp at y
                 c = -g_lp[sl] - g_ent[sl] * ent_[sl] - g_kl[sl] * kl_[sl]
-                buf = torch.mul(logp, (g_kl[sl] - g_ent[sl]).unsqueeze(-1), out=_out_buf(gx, sl))
+                buf = torch.mul(logp, (g_kl[sl] - g_ent[sl]).unsqueeze(-1), out=_out_buf(gx, sl, stage))
                 if want_kl:
                     buf.addcmul_(logq, -g_kl[sl].unsqueeze(-1))
                 buf.add_(c.unsqueeze(-1))
@@ -217,20 +237,17 @@ class _TokenStatsFn(torch.autograd.Function):
                 buf.mul_(logp)
                 _add_onehot(buf, on_shard[sl], idx[sl], g_lp[sl])
                 _store(gx[sl], buf, temperature)
-                del buf
             else:
                 logp.exp_()
             if need_xr:
                 # dz' = q * (-g_rent * log q + c'),  c' = -g_rlp - g_rent*H' + g_kl;  minus g_kl * p;  plus g_rlp at y
                 cr = -g_rlp[sl] - g_rent[sl] * rent_[sl] + g_kl[sl]
-                buf = torch.mul(logq, (-g_rent[sl]).unsqueeze(-1), out=_out_buf(gxr, sl))
+                buf = torch.mul(logq, (-g_rent[sl]).unsqueeze(-1), out=_out_buf(gxr, sl, stage))
                 buf.add_(cr.unsqueeze(-1))
                 buf.mul_(logq.exp_())
                 buf.addcmul_(logp, -g_kl[sl].unsqueeze(-1))
                 _add_onehot(buf, on_shard[sl], idx[sl], g_rlp[sl])
                 _store(gxr[sl], buf, temperature)
-                del buf
-            del logp, logq
         return gx, gxr, None, None, None, None, None, None, None, None
 
 
@@ -239,10 +256,10 @@ def _add_onehot(buf: torch.Tensor, on_shard: torch.Tensor, idx: torch.Tensor, g:
     buf.scatter_add_(-1, idx.unsqueeze(-1), torch.where(on_shard, g, 0.0).unsqueeze(-1))
 
 
-def _out_buf(grad: torch.Tensor, sl: slice) -> torch.Tensor:
-    """Where a chunk's fp32 gradient is built: the gradient rows themselves when fp32, else a temporary."""
+def _out_buf(grad: torch.Tensor, sl: slice, stage: Optional[torch.Tensor]) -> torch.Tensor:
+    """Where a chunk's fp32 gradient is built: the gradient rows themselves when fp32, else the staging buffer."""
     rows = grad[sl]
-    return rows if rows.dtype == torch.float32 else torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    return rows if stage is None else stage[: rows.shape[0]]
 
 
 def _store(out: torch.Tensor, buf: torch.Tensor, temperature: float) -> None:
@@ -291,7 +308,8 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, group: Optional[dist
         temperature: logits of both views are divided by it first.
         entropy / ref_entropy / kl: also return H(p), H(q), KL(p || q) over the full vocabulary.
         ref_requires_grad: let gradients reach ``ref_logits`` (else the ref outputs are constants).
-        chunk_size: process this many tokens at a time (bounds forward and backward memory).
+        chunk_size: process at most this many tokens at a time (bounds forward and backward memory); on CPU
+            blocks are further capped at ~8 MiB of fp32 per work buffer.
 
     Returns:
         :class:`TokenStats`, float32 tensors of shape ``labels.shape``.

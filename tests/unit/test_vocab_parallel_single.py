@@ -86,3 +86,16 @@ def test_bad_input_one_line_error(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         token_stats(args.pop("logits"), args.pop("labels"), None, **args)
     assert "\n" not in str(info.value)
+
+
+def test_cpu_block_cap_equals_unchunked(monkeypatch):
+    """The CPU cache-sized blocking (forced down to 3 rows here) gives the unchunked results."""
+    import megatron_papo.ops.vocab_parallel as vp
+
+    whole = _run("extreme")
+    monkeypatch.setattr(vp, "_CPU_BLOCK_BYTES", 4 * 48 * 3)
+    assert vp._block_rows(20, 48, None, torch.device("cpu")) == 3
+    blocked = _run("extreme")
+    for k in (*OUTPUTS, "grad_x", "grad_xr"):
+        diff = (whole[k] - blocked[k]).abs() / blocked[k].abs().clamp_min(1.0)
+        assert float(diff.max()) <= 1e-7, (k, float(diff.max()))
