@@ -33,6 +33,7 @@ class Config:
     rollouts_dir: Optional[str] = field(None, help="where rollout_only saves and train_from_rollouts reads")
     eval_at_end: bool = field(True, help="evaluate the test split after training (avg accuracy, majority baseline)")
     eval_every: int = field(0, help="evaluate every N steps; 0 = only at the end")
+    eval_n: int = field(1, help="samples per test question in evaluation (avg@n)")
     check_invariants: bool = field(True, help="assert first-step invariants (actor==ref logprobs, ratio==1)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig, help="parallel layout")
     model: ModelConfig = field(default_factory=ModelConfig, help="model")
@@ -81,8 +82,13 @@ def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 
 def load_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Recipe (optional) + overrides → validated ``Config``. Raises ConfigError with one line."""
-    data: dict[str, Any] = _load_with_bases(resolve_recipe(recipe)) if recipe else {}
+    """Recipe(s) + overrides → validated ``Config``. Raises ConfigError with one line.
+
+    ``recipe`` may layer several files left to right: ``papo_g_7b,layouts/7b_8gpu,layouts/fp8``.
+    """
+    data: dict[str, Any] = {}
+    for name in (recipe.split(",") if recipe else []):
+        _deep_update(data, _load_with_bases(resolve_recipe(name.strip())))
     for text in overrides:
         path, value = parse_override(text)
         merge_override(data, path, value)

@@ -88,3 +88,31 @@ def test_cli_bad_input_exits_nonzero_with_one_line(args, fragment):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+PAPER = {
+    "grpo_3b": dict(kl_prcp_coef=0.0, use_ref=True, clip_ratio_high=0.3),
+    "papo_g_3b": dict(kl_prcp_coef=0.02, ori_entropy_coef=0.0, use_ref=True),
+    "papo_g_7b": dict(kl_prcp_coef=0.02, ori_entropy_coef=0.05, aug_entropy_coef=0.05, use_ref=True),
+    "papo_g_noref_3b": dict(kl_prcp_coef=0.01, ori_entropy_coef=0.03, use_ref=False),
+    "dapo_3b": dict(kl_prcp_coef=0.0, clip_ratio_high=0.28, dynamic_sampling=True, use_ref=False),
+    "papo_d_7b": dict(kl_prcp_coef=0.01, ori_entropy_coef=0.03, aug_entropy_coef=0.03, clip_ratio_high=0.28, use_ref=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipes_have_published_hyperparameters(name):
+    cfg = load_config(f"{name},layouts/{'7b' if '7b' in name else '3b'}_8gpu,layouts/fp8")
+    for k, v in PAPER[name].items():
+        assert getattr(cfg.algo, k) == v, (name, k)
+    assert (cfg.optim.lr, cfg.optim.rollout_batch_size, cfg.optim.global_batch_size) == (1e-6, 384, 128)
+    assert (cfg.rollout.n, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.total_steps) == (5, 0.99, 2048, 202)
+    assert cfg.algo.clip_ratio_dual == 3.0 and cfg.algo.loss_agg_mode == "microbatch_token_mean"
+    assert (cfg.data.mask_size, cfg.data.mask_prob, cfg.data.min_pixels, cfg.data.max_pixels) == (14, 0.6, 200704, 1003520)
+    assert cfg.model.fp8 == "hybrid" and cfg.parallel.tp in (2, 4)
+
+
+def test_tiny_cpu_recipe_is_papo_with_reference_kl():
+    cfg = load_config("tiny_cpu")
+    assert cfg.model.path == "tiny" and cfg.algo.kl_prcp_coef > 0 and cfg.algo.use_ref and cfg.algo.kl_coef > 0
+    assert cfg.data.train == "synthetic" and cfg.rollout.engine == "sglang"

@@ -1,0 +1,232 @@
+"""The policy (actor) and reference model on Megatron-Core: per-token stats and the PPO/PAPO update.
+
+Both run through mcore's forward-backward schedule (no pipelining, or 1F1B over the PP group), so
+the same code serves TP, PP and DP. Per-token statistics always come from the vocab-parallel
+``token_stats`` kernel (logits are never gathered). Results live on the last pipeline stage;
+metrics are reduced there and sent to global rank 0 for logging.
+
+Micro-batch dicts (built by ``make_micro_batches``) hold ``input_ids, attention_mask, labels``
+(``-100`` outside the response), ``pixel_values(_aug), image_grid_thw``, per-row ``advantages`` and the
+per-token tensors of earlier phases (``old_logprob``, ``ref_logprob``, ``aug_logprob``), all ``[B, S]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_papo.algos import LossInputs, LossSpec, papo_loss
+from megatron_papo.data.collate import RolloutBatch
+from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore
+from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, token_stats
+from megatron_papo.parallel import ParallelGroups
+from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, wrap_ddp
+
+PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "aug_logprob")
+
+
+@dataclass
+class StatsRequest:
+    """Which per-token outputs a forward-only pass should produce."""
+
+    view: str = "ori"  # "ori" | "aug"
+    entropy: bool = False
+
+
+def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *, extra: Optional[dict[str, torch.Tensor]] = None,
+                       with_aug: bool = False) -> list[dict[str, Any]]:
+    """Split ``rows`` of a RolloutBatch into micro-batch dicts (pixel rows sliced per sample, trimmed width)."""
+    patches = (batch.image_grid_thw.prod(-1)).tolist() if batch.image_grid_thw.numel() else []
+    imgs_per_row = _images_per_row(batch)
+    img_start = [0]
+    for n in imgs_per_row:
+        img_start.append(img_start[-1] + n)
+    patch_start = [0]
+    for p in patches:
+        patch_start.append(patch_start[-1] + p)
+    out = []
+    for i in range(0, len(rows), micro_size):
+        sel = rows[i:i + micro_size]
+        idx = torch.tensor(sel)
+        width = int(batch.attention_mask[idx].sum(-1).max().item())
+        labels = batch.labels[idx, :width].clone()
+        labels[batch.label_mask[idx, :width] == 0] = IGNORE_INDEX
+        img_ids = [k for r in sel for k in range(img_start[r], img_start[r + 1])]
+        pix = [batch.pixel_values[patch_start[k]:patch_start[k + 1]] for k in img_ids]
+        mb: dict[str, Any] = {
+            "input_ids": batch.input_ids[idx, :width], "attention_mask": batch.attention_mask[idx, :width],
+            "labels": labels, "image_grid_thw": batch.image_grid_thw[img_ids] if img_ids else None,
+            "pixel_values": torch.cat(pix) if pix else None, "rows": sel,
+        }
+        if with_aug and batch.pixel_values_aug is not None and img_ids:
+            mb["pixel_values_aug"] = torch.cat([batch.pixel_values_aug[patch_start[k]:patch_start[k + 1]] for k in img_ids])
+        for key, val in (extra or {}).items():
+            mb[key] = val[idx] if val.dim() == 1 else val[idx, :width]
+        out.append(mb)
+    return out
+
+
+def _images_per_row(batch: RolloutBatch) -> list[int]:
+    """Images of each row, read from the image-pad runs is unnecessary: rows carry equal grids per group."""
+    counts = getattr(batch, "images_per_row", None)
+    if counts is not None:
+        return list(counts)
+    n_rows = batch.input_ids.shape[0]
+    n_img = batch.image_grid_thw.shape[0] if batch.image_grid_thw.numel() else 0
+    if n_img % max(n_rows, 1):
+        raise ValueError("make_micro_batches: set batch.images_per_row when rows have different image counts")
+    return [n_img // n_rows] * n_rows
+
+
+class PolicyModel:
+    """One Qwen2.5-VL pipeline stage (TP-sharded) loaded from an HF dir; trainable (actor) or frozen (reference)."""
+
+    def __init__(self, model_cfg: Any, groups: ParallelGroups, hf_dir: str, *, sequence_parallel: bool = False,
+                 trainable: bool, optim: Optional[OptimSettings] = None) -> None:
+        self.groups = groups
+        model = build_model(model_cfg, groups, hf_dir=hf_dir, sequence_parallel=sequence_parallel)
+        load_hf_into_mcore([model], hf_dir, groups)
+        self.trainable = trainable
+        if trainable:
+            assert optim is not None
+            self.chunks = wrap_ddp([model], groups, use_distributed_optimizer=optim.use_distributed_optimizer)
+            self.optimizer = build_optimizer(self.chunks, optim, groups)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
+            self.chunks = [model]
+            self.optimizer = None
+        self.config = model.config
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The unwrapped model chunks (for export / checkpoint naming)."""
+        return [getattr(c, "module", c) for c in self.chunks]
+
+    # ------------------------------------------------------------------ forward-only stats
+    @torch.no_grad()
+    def token_stats(self, micro_batches: list[dict[str, Any]], req: StatsRequest, temperature: float) -> list[dict[str, torch.Tensor]]:
+        """Per-token log-probs (and entropies) of each micro-batch, on the last stage ([] elsewhere)."""
+        tp_group = self.groups.tp_group
+
+        def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
+            st = token_stats(logits, mb["labels"], tp_group, temperature=temperature, entropy=req.entropy)
+            out = {"logprob": st.logprob}
+            if req.entropy:
+                out["entropy"] = st.entropy
+            return torch.zeros((), device=logits.device), out
+
+        def fwd(data_it, model):
+            mb = next(data_it)
+            inputs = dict(mb)
+            if req.view == "aug":
+                inputs["pixel_values"] = mb["pixel_values_aug"]
+            return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
+
+        for c in self.chunks:
+            c.eval()
+        res = forward_backward(self.chunks, fwd, iter(micro_batches), len(micro_batches), self.groups,
+                               seq_length=_max_len(micro_batches), micro_batch_size=_max_rows(micro_batches),
+                               forward_only=True)
+        return res if self.groups.is_last_stage else []
+
+    # ------------------------------------------------------------------ update
+    def train_mini_batch(self, micro_batches: list[dict[str, Any]], spec: LossSpec, *, temperature: float,
+                         global_tokens: float, global_seqs: float, paired: bool, want_exact: bool) -> dict[str, float]:
+        """Forward-backward over the micro-batches, one optimizer step; returns mini-batch metrics (rank 0)."""
+        assert self.trainable and self.optimizer is not None
+        groups, tp_group = self.groups, self.groups.tp_group
+        n_micro = len(micro_batches)
+        live = spec.aug_mode == "live"
+
+        def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
+            labels = mb["labels"]
+            mask = (labels != IGNORE_INDEX).long()
+            if paired:
+                B = labels.shape[0]
+                ori, aug = logits[:B], logits[B:]
+                st = token_stats(ori, labels, tp_group, ref_logits=aug if live else aug.detach(), temperature=temperature,
+                                 entropy=want_exact, ref_entropy=want_exact, kl=spec.kl_prcp_estimator == "exact",
+                                 ref_requires_grad=live)
+                aug_lp, aug_ent, kl = st.ref_logprob, st.ref_entropy, st.kl
+            else:
+                st = token_stats(logits, labels, tp_group, temperature=temperature, entropy=want_exact)
+                aug_lp, aug_ent, kl = mb.get("aug_logprob"), None, None
+            inputs = LossInputs(
+                logprob=st.logprob, old_logprob=mb["old_logprob"], advantages=mb["advantages"], response_mask=mask,
+                ref_logprob=mb.get("ref_logprob"), aug_logprob=aug_lp, entropy=st.entropy, aug_entropy=aug_ent, kl_exact=kl)
+            loss, metrics = papo_loss(inputs, spec, global_tokens=global_tokens, global_seqs=global_seqs,
+                                      num_microbatches=n_micro * groups.dp_size)
+            # mcore divides by the number of micro-batches and DDP averages over DP; papo_loss already gives this
+            # micro-batch's additive share of the mini-batch objective, so undo both.
+            scaled = loss * (n_micro * groups.dp_size)
+            return scaled, {k: v.detach() for k, v in metrics.items()}
+
+        def fwd(data_it, model):
+            mb = next(data_it)
+            inputs = dict(mb)
+            if paired:
+                inputs = _pair_views(mb)
+            return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
+
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        width = _max_len(micro_batches)
+        rows = _max_rows(micro_batches) * (2 if paired else 1)
+        res = forward_backward(self.chunks, fwd, iter(micro_batches), n_micro, groups, seq_length=width, micro_batch_size=rows)
+        updated, grad_norm, _ = self.optimizer.step()
+        metrics = _sum_metrics(res) if groups.is_last_stage else {}
+        metrics = self._reduce_metrics(metrics)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = 0.0 if updated else 1.0
+        return metrics
+
+    def _reduce_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """SUM over DP on the last stage, then hand the result to global rank 0 (first stage)."""
+        g = self.groups
+        if g.is_last_stage and metrics:
+            keys = sorted(metrics)
+            vec = torch.stack([metrics[k].float().reshape(()) for k in keys])
+            if g.dp_size > 1:
+                dist.all_reduce(vec, group=g.dp_group)
+            out = dict(zip(keys, vec.tolist()))
+        else:
+            out = {}
+        if g.pp_size > 1:
+            obj = [out]
+            src = g.pp_stage_ranks()[-1]
+            dist.broadcast_object_list(obj, src=src, group=g.pp_group)
+            out = obj[0]
+        return out
+
+
+def _pair_views(mb: dict[str, Any]) -> dict[str, Any]:
+    """Original and masked views of a micro-batch as one doubled batch (one forward for both)."""
+    cat = lambda a: torch.cat([a, a]) if a is not None else None  # noqa: E731
+    return {
+        "input_ids": cat(mb["input_ids"]), "attention_mask": cat(mb["attention_mask"]),
+        "image_grid_thw": cat(mb["image_grid_thw"]),
+        "pixel_values": torch.cat([mb["pixel_values"], mb["pixel_values_aug"]]) if mb.get("pixel_values") is not None else None,
+    }
+
+
+def _sum_metrics(results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for r in results:
+        for k, v in r.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _max_len(mbs: list[dict[str, Any]]) -> int:
+    return max(int(mb["input_ids"].shape[1]) for mb in mbs)
+
+
+def _max_rows(mbs: list[dict[str, Any]]) -> int:
+    return max(int(mb["input_ids"].shape[0]) for mb in mbs)

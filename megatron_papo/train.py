@@ -1,0 +1,68 @@
+"""``megatron-papo train``: load config -> init distributed -> build Trainer -> run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from megatron_papo.config import Config, dump, load_config
+from megatron_papo.utils.logging import get_logger, setup_logging
+
+
+def prepare_model_dir(cfg: Config, rank: int) -> str:
+    """``model.path`` or, for ``tiny``, the embedded tiny checkpoint built once in the run dir (rank 0)."""
+    if cfg.model.path != "tiny":
+        if not (Path(cfg.model.path) / "config.json").is_file():
+            from megatron_papo.config import ConfigError
+
+            raise ConfigError(f"model.path={cfg.model.path} is not an HF checkpoint directory (no config.json)")
+        return cfg.model.path
+    out = Path(cfg.run_dir) / "tiny_model"
+    if rank == 0 and not (out / "model.safetensors").is_file():
+        from dataclasses import asdict
+
+        from megatron_papo.fixtures.tiny import make_tiny
+
+        make_tiny(out, **asdict(cfg.model.tiny))
+    if dist.is_initialized():
+        dist.barrier()
+    return str(out)
+
+
+def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
+    """Run training; returns the process exit code."""
+    cfg = load_config(recipe, overrides)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from megatron_papo.parallel import init_distributed, shutdown
+
+    groups = init_distributed(cfg.parallel, seed=cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    setup_logging(cfg.logging.level, run_dir / "logs", rank=groups.rank)
+    log = get_logger("train")
+    if groups.rank == 0:
+        dump(cfg, run_dir / "config.yaml")
+        dump(cfg, run_dir / "config.json")
+        log.info("run dir %s; world %d = tp %d x pp %d x dp %d on %s", run_dir, groups.world_size, groups.tp_size,
+                 groups.pp_size, groups.dp_size, groups.device)
+    hf_dir = prepare_model_dir(cfg, groups.rank)
+    from megatron_papo.models.qwen2_5_vl import load_arch
+
+    arch = load_arch(hf_dir)
+    groups.dims.check_model(num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers,
+                            vision_heads=arch.vision.num_heads)
+    from megatron_papo.rollout import make_engine
+    from megatron_papo.trainer import Trainer
+
+    trainer = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d: make_engine(c.rollout, d).start())
+    signal.signal(signal.SIGTERM, lambda *_: (trainer.close(), sys.exit(143)))
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+        shutdown()
+    return 0

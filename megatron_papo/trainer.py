@@ -1,0 +1,332 @@
+"""The RL step: rollout -> rewards -> log-probs (old, masked, reference) -> advantages -> update -> sync.
+
+One ``Trainer`` per process. Global rank 0 owns the rollout engine (colocated placement) and the
+metric sinks; every rank holds the same prompts and groups, takes its data-parallel share of rows,
+and runs the actor/reference through mcore's schedule (TP/PP/DP).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_papo.actor import PolicyModel, StatsRequest, make_micro_batches
+from megatron_papo.algos import LossSpec, compute_advantages
+from megatron_papo.algos.dapo import fill_batch
+from megatron_papo.checkpoint.dist import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_papo.config import Config
+from megatron_papo.data.collate import collate_rollouts, repeat_interleave
+from megatron_papo.data.dataset import PromptLoader, load_prompt_dataset
+from megatron_papo.models.qwen2_5_vl import export_to_hf
+from megatron_papo.parallel import ParallelGroups
+from megatron_papo.parallel.training import OptimSettings
+from megatron_papo.rewards import get_reward_fn
+from megatron_papo.rollout_phase import Group, generate_groups, rollout_metrics
+from megatron_papo.utils.logging import get_logger, progress
+from megatron_papo.utils.metrics import MetricsWriter
+
+log = get_logger("trainer")
+
+
+class InvariantError(RuntimeError):
+    """A first-step invariant (actor == reference log-probs, PPO ratio == 1) does not hold."""
+
+
+class Trainer:
+    """Builds every part from the config and runs ``total_steps`` RL steps (resumable)."""
+
+    def __init__(self, cfg: Config, groups: ParallelGroups, hf_dir: str, engine_factory: Any = None) -> None:
+        from transformers import AutoProcessor
+
+        self.cfg, self.groups, self.hf_dir = cfg, groups, hf_dir
+        self.run_dir = Path(cfg.run_dir)
+        self.is_rank0 = groups.rank == 0
+        self.processor = AutoProcessor.from_pretrained(hf_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_ds = load_prompt_dataset(cfg.data.train, cfg.data, self.processor, "train")
+        self.loader = PromptLoader(self.train_ds, batch_size=cfg.optim.rollout_batch_size, seed=cfg.data.seed)
+        self.reward_fn = get_reward_fn(cfg.data.reward)
+        o = cfg.optim
+        settings = OptimSettings(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+                                 adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,
+                                 bf16=self._dtype() == torch.bfloat16)
+        sp = cfg.parallel.sequence_parallel
+        self.actor = PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=True, optim=settings)
+        self.ref = PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=False) if cfg.algo.use_ref else None
+        self.papo = cfg.algo.kl_prcp_coef > 0 or cfg.algo.aug_entropy_coef > 0
+        self.engine = engine_factory(cfg, hf_dir) if (self.is_rank0 and engine_factory is not None) else None
+        self.step = 0
+        self.skipped_updates = 0
+        resume = self._maybe_resume()
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_rank0, jsonl=cfg.logging.jsonl,
+                                     tensorboard=cfg.logging.tensorboard, resume_step=resume)
+        if resume is not None:
+            self.sync_weights()
+
+    def _dtype(self) -> torch.dtype:
+        from megatron_papo.models.qwen2_5_vl import resolve_dtype
+
+        return resolve_dtype(self.cfg.model.dtype, self.groups.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _maybe_resume(self) -> Optional[int]:
+        if self.cfg.checkpoint.resume != "auto":
+            return None
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return None
+        state = load_checkpoint(path, self.actor.chunks, self.actor.optimizer)
+        self.step = int(state["step"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.loader.load_state_dict(state["loader"])
+        log.info("resumed from %s (step %d)", path, self.step)
+        return self.step
+
+    def save(self) -> None:
+        save_checkpoint(self.ckpt_root, self.step, self.actor.chunks, self.actor.optimizer,
+                        trainer_state={"loader": self.loader.state_dict(), "skipped_updates": self.skipped_updates},
+                        keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ weight sync
+    def sync_weights(self) -> float:
+        """Push the actor's weights (HF names, full tensors) into the engine; collective over all ranks."""
+        t0 = time.perf_counter()
+        tensors = export_to_hf(self.actor.modules, self.groups)
+        if self.engine is not None:
+            self.engine.update_weights(tensors)
+        else:
+            for _ in tensors:  # non-owners take part in the collectives
+                pass
+        if dist.is_initialized():
+            dist.barrier()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ one step
+    def _sampling(self) -> dict[str, Any]:
+        r = self.cfg.rollout
+        return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
+
+    def _rollout(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        cfg = self.cfg
+
+        def draw() -> list[Group]:
+            samples = self.loader.next_batch()
+            return generate_groups(self.engine, samples, n=cfg.rollout.n, sampling=self._sampling(), step=step, seed=cfg.seed,
+                                   tokenizer=self.tokenizer, reward_fn=self.reward_fn, data_cfg=cfg.data,
+                                   processor=self.processor, make_aug=self.papo)
+
+        if not cfg.algo.dynamic_sampling:
+            return draw(), {}
+        a = cfg.algo
+        res = fill_batch(draw, cfg.optim.rollout_batch_size, a.dynamic_sampling_max_tries,
+                         keep_fn=lambda g: a.dynamic_sampling_low < g.mean_accuracy < a.dynamic_sampling_high, on_limit="warn")
+        return res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One RL step; returns the metrics logged for it (complete on rank 0)."""
+        cfg, g = self.cfg, self.groups
+        timing: dict[str, float] = {}
+        t = time.perf_counter()
+        groups, extra = self._rollout(step)
+        timing["rollout"] = time.perf_counter() - t
+        metrics = {**rollout_metrics(groups, cfg.rollout.max_new_tokens), **extra}
+
+        rows_samples = repeat_interleave([gr.sample for gr in groups], cfg.rollout.n)
+        responses = [ids for gr in groups for ids in gr.response_ids]
+        aug = repeat_interleave([gr.aug_pixel_values for gr in groups], cfg.rollout.n) if self.papo else None
+        batch = collate_rollouts(rows_samples, responses, self.pad_id, aug_pixel_values=aug)
+        batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in rows_samples]
+        scores = torch.tensor([s for gr in groups for s in gr.scores], dtype=torch.float32)
+        adv = compute_advantages(cfg.algo.adv_estimator, scores, batch.uids)
+        B = scores.numel()
+        if B % g.dp_size:
+            raise RuntimeError(f"{B} rows do not split over data-parallel size {g.dp_size}")
+        per_dp = B // g.dp_size
+        my_rows = list(range(g.dp_rank * per_dp, (g.dp_rank + 1) * per_dp))
+        mbs = cfg.optim.micro_batch_size
+        temp = cfg.rollout.temperature
+
+        # ---- log-probs under theta_old (original and masked views) and the reference
+        t = time.perf_counter()
+        micro = make_micro_batches(batch, my_rows, mbs, with_aug=self.papo)
+        per_token: dict[str, torch.Tensor] = {}
+        per_token["old_logprob"] = self._gather_stats(self.actor, micro, batch, StatsRequest("ori"), temp)
+        timing["old_logprob"] = time.perf_counter() - t
+        live_or_exact = cfg.algo.aug_mode == "live" or cfg.algo.kl_prcp_estimator == "exact" or cfg.algo.entropy_estimator == "exact"
+        if self.papo and not live_or_exact:
+            t = time.perf_counter()
+            per_token["aug_logprob"] = self._gather_stats(self.actor, micro, batch, StatsRequest("aug"), temp)
+            timing["aug_logprob"] = time.perf_counter() - t
+        if self.ref is not None:
+            t = time.perf_counter()
+            per_token["ref_logprob"] = self._gather_stats(self.ref, micro, batch, StatsRequest("ori"), temp)
+            timing["ref_logprob"] = time.perf_counter() - t
+        metrics.update(self._logprob_checks(step, groups, batch, per_token, my_rows))
+
+        # ---- update: mini-batches of whole groups
+        t = time.perf_counter()
+        n_mini = cfg.optim.rollout_batch_size // cfg.optim.global_batch_size
+        rows_per_mini = per_dp // n_mini
+        spec = LossSpec.from_config(cfg.algo, step - 1, cfg.total_steps)
+        extra_t = {**{k: v for k, v in per_token.items() if v is not None}, "advantages": adv}
+        upd: dict[str, float] = {}
+        for _ in range(cfg.optim.ppo_epochs):
+            for m in range(n_mini):
+                rows = my_rows[m * rows_per_mini:(m + 1) * rows_per_mini]
+                all_rows = [r for d in range(g.dp_size) for r in range(d * per_dp + m * rows_per_mini, d * per_dp + (m + 1) * rows_per_mini)]
+                global_tokens = float(batch.label_mask[all_rows].sum())
+                mb = make_micro_batches(batch, rows, mbs, extra=extra_t, with_aug=self.papo)
+                out = self.actor.train_mini_batch(mb, spec, temperature=temp, global_tokens=global_tokens,
+                                                  global_seqs=float(len(all_rows)), paired=self.papo and live_or_exact,
+                                                  want_exact=cfg.algo.entropy_estimator == "exact")
+                if self.is_rank0 and m == 0 and cfg.check_invariants and "ppo_kl" in out and abs(out["ppo_kl"]) > 1e-5:
+                    raise InvariantError(f"step {step}: PPO ratio != 1 on the first mini-batch (ppo_kl={out['ppo_kl']:.3g})")
+                self.skipped_updates += int(out.get("update_skipped", 0))
+                for k, v in out.items():
+                    upd[k] = upd.get(k, 0.0) + v / (n_mini * cfg.optim.ppo_epochs)
+        timing["update"] = time.perf_counter() - t
+        metrics.update(upd)
+        metrics["loss/kl_prcp"] = metrics.get("loss/kl_prcp", 0.0)
+        metrics.setdefault("entropy/aug", 0.0)
+        metrics["kl_prcp/gamma"] = spec.kl_prcp_coef
+        metrics["update/skipped_total"] = self.skipped_updates
+
+        t = time.perf_counter()
+        self.sync_weights()
+        timing["sync"] = time.perf_counter() - t
+        n_tokens = int(batch.attention_mask.sum())
+        total = sum(timing.values())
+        metrics.update({f"timing/{k}": v for k, v in timing.items()})
+        metrics["timing/step"] = total
+        metrics["throughput/tokens_per_s"] = n_tokens / total if total > 0 else 0.0
+        return metrics
+
+    def _gather_stats(self, model: PolicyModel, micro: list[dict[str, Any]], batch: Any, req: StatsRequest,
+                      temperature: float) -> Optional[torch.Tensor]:
+        """Per-token log-probs ``[B, S]`` for this rank's rows (last stage; None elsewhere)."""
+        res = model.token_stats(micro, req, temperature)
+        if not res:
+            return None
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for mb, r in zip(micro, res):
+            lp = r["logprob"]
+            out[mb["rows"], : lp.shape[1]] = lp
+        return out
+
+    def _logprob_checks(self, step: int, groups: list[Group], batch: Any, per_token: dict[str, Optional[torch.Tensor]],
+                        my_rows: list[int]) -> dict[str, float]:
+        """Engine-vs-trainer log-prob gap and the step-1 actor == reference invariant (last stage -> rank 0)."""
+        g = self.groups
+        out: dict[str, float] = {}
+        old = per_token.get("old_logprob")
+        if old is not None:
+            eng = torch.zeros_like(old)
+            rows_lp = [lp for gr in groups for lp in gr.engine_logprobs]
+            for r in my_rows:
+                lp = torch.tensor(rows_lp[r], dtype=torch.float32)
+                p = int(batch.prompt_lens[r])
+                eng[r, p - 1:p - 1 + lp.numel()] = lp
+            mask = batch.label_mask.bool()
+            mask[[i for i in range(mask.shape[0]) if i not in set(my_rows)]] = False
+            gap = (eng - old).abs()[mask].max() if mask.any() else torch.tensor(0.0)
+            vals = torch.stack([gap, torch.tensor(0.0)])
+            ref = per_token.get("ref_logprob")
+            if ref is not None and step == 1:
+                vals[1] = (ref - old).abs()[mask].max() if mask.any() else 0.0
+            if g.dp_size > 1:
+                dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=g.dp_group)
+            out = {"rollout/logprob_gap": float(vals[0])}
+            if ref is not None and step == 1:
+                out["check/actor_ref_gap"] = float(vals[1])
+        if g.pp_size > 1:
+            obj = [out]
+            dist.broadcast_object_list(obj, src=g.pp_stage_ranks()[-1], group=g.pp_group)
+            out = obj[0]
+        if self.cfg.check_invariants and out.get("check/actor_ref_gap", 0.0) > 1e-5:
+            raise InvariantError(f"step 1: actor and reference log-probs differ by {out['check/actor_ref_gap']:.3g} (expected equal)")
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        cfg = self.cfg
+        if self.step == 0:
+            self.sync_weights() if self.engine is not None and cfg.model.path != "tiny" else None
+        bar = progress(total=cfg.total_steps, initial=self.step, desc="train", enabled=cfg.logging.progress)
+        warn = CollapseDetector()
+        while self.step < cfg.total_steps:
+            step = self.step + 1
+            metrics = self.train_step(step)
+            self.step = step
+            if self.is_rank0:
+                for msg in warn.update(metrics):
+                    log.warning("step %d: %s", step, msg)
+                self.metrics.write(step, metrics)
+                log.info(_summary(step, cfg.total_steps, metrics))
+            bar.update(1)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                self.evaluate(step)
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
+                self.save()
+        bar.close()
+        if cfg.eval_at_end:
+            self.evaluate(self.step, final=True)
+        if cfg.checkpoint.save_every == 0 or self.step % cfg.checkpoint.save_every:
+            self.save()
+        self.metrics.close()
+
+    def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
+        """Accuracy on the test split through the engine (rank 0) and the majority-class baseline."""
+        from megatron_papo.evaluate import evaluate_split
+
+        res: dict[str, float] = {}
+        if self.is_rank0 and self.engine is not None:
+            res = evaluate_split(self.engine, self.cfg, self.processor, self.reward_fn, n=1)
+            self.metrics.write(step, {f"eval/{k}": v for k, v in res.items()} | {"eval/final": float(final)})
+            log.info("eval step %d: accuracy %.3f (majority baseline %.3f)", step, res["accuracy"], res["majority_baseline"])
+        if dist.is_initialized():
+            dist.barrier()
+        return res
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def _summary(step: int, total: int, m: dict[str, float]) -> str:
+    keys = [("reward/mean", "reward"), ("reward/accuracy", "acc"), ("loss/pg", "pg"), ("kl/prcp", "kl_prcp"),
+            ("kl/ref", "kl_ref"), ("entropy/ori", "H"), ("rollout/logprob_gap", "gap"), ("timing/step", "s")]
+    parts = [f"{short}={m[k]:.4g}" for k, short in keys if k in m and isinstance(m[k], (int, float)) and math.isfinite(m[k])]
+    return f"step {step}/{total} " + " ".join(parts)
+
+
+class CollapseDetector:
+    """Warns on PAPO's KL_prcp-hacking signature (papo_spec §9): KL_prcp jumps while both entropies and the
+    clip-high fraction rise. Compares each step with the running mean of the previous ones."""
+
+    def __init__(self, window: int = 10, jump: float = 3.0) -> None:
+        self.window, self.jump = window, jump
+        self.hist: list[dict[str, float]] = []
+
+    def update(self, m: dict[str, float]) -> list[str]:
+        keys = ("kl/prcp", "entropy/ori", "entropy/aug", "clipfrac/high")
+        cur = {k: float(m.get(k, 0.0)) for k in keys}
+        msgs = []
+        if len(self.hist) >= 3:
+            base = {k: sum(h[k] for h in self.hist) / len(self.hist) for k in keys}
+            if (base["kl/prcp"] > 0 and cur["kl/prcp"] > self.jump * base["kl/prcp"] and cur["entropy/ori"] > base["entropy/ori"]
+                    and cur["entropy/aug"] > base["entropy/aug"] and cur["clipfrac/high"] > base["clipfrac/high"]):
+                msgs.append(f"possible KL_prcp hacking: kl_prcp {cur['kl/prcp']:.3g} vs mean {base['kl/prcp']:.3g}, "
+                            "entropies and clip-high fraction rising; consider a lower algo.kl_prcp_coef or entropy terms")
+        self.hist = (self.hist + [cur])[-self.window:]
+        return msgs
