@@ -91,9 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for spec in args.data:
             ds = load_prompt_dataset(spec, cfg.data, processor, args.split)
             results[spec] = evaluate_dataset(engine, ds, reward_fn, n=args.n, sampling=sampling, seed=cfg.seed)
-    table = ["| benchmark | avg@%d accuracy | format | majority baseline | questions |" % args.n, "|---|---|---|---|---|"]
+    table = [f"| benchmark | avg@{args.n} accuracy | format | majority baseline | questions |", "|---|---|---|---|---|"]
     for k, v in results.items():
-        table.append(f"| {k} | {100 * v['accuracy']:.2f} | {100 * v['format']:.2f} | {100 * v['majority_baseline']:.2f} | {int(v['questions'])} |")
+        table.append(f"| {k} | {100 * v['accuracy']:.2f} | {100 * v['format']:.2f} | {100 * v['majority_baseline']:.2f} "
+                     f"| {int(v['questions'])} |")
     print("\n".join(table))
     print(json.dumps(results))
     if args.out:

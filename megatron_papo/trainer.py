@@ -183,7 +183,7 @@ class Trainer:
         for _ in range(cfg.optim.ppo_epochs):
             for m in range(n_mini):
                 rows = my_rows[m * rows_per_mini:(m + 1) * rows_per_mini]
-                all_rows = [r for d in range(g.dp_size) for r in range(d * per_dp + m * rows_per_mini, d * per_dp + (m + 1) * rows_per_mini)]
+                all_rows = [d * per_dp + m * rows_per_mini + i for d in range(g.dp_size) for i in range(rows_per_mini)]
                 global_tokens = float(batch.label_mask[all_rows].sum())
                 mb = make_micro_batches(batch, rows, mbs, extra=extra_t, with_aug=self.papo)
                 out = self.actor.train_mini_batch(mb, spec, temperature=temp, global_tokens=global_tokens,
