@@ -20,7 +20,7 @@ echo "[setup_env] building $VENV (this takes ~3-4 minutes on a fresh machine)" >
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # pip's file:// index mirrors on these machines print one warning per package; keep the log readable.
 "${PIP[@]}" install -r "$REQ" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-"$VENV/bin/python" -c "import torch, torchvision, transformers, megatron.core, sglang" \
+"$VENV/bin/python" -c "import torch, torchvision, transformers, megatron.core, sglang" 2>/dev/null \
   || { echo "[setup_env] pip install of $REQ failed" >&2; exit 1; }
 # sgl-flash-mla raises OSError (not ImportError) on import without a GPU driver, which breaks
 # megatron-core's optional-import guards: remove it on CPU machines (GPU containers keep it).
