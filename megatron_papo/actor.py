@@ -37,8 +37,16 @@ class StatsRequest:
 
 
 def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *, extra: Optional[dict[str, torch.Tensor]] = None,
-                       with_aug: bool = False) -> list[dict[str, Any]]:
-    """Split ``rows`` of a RolloutBatch into micro-batch dicts (pixel rows sliced per sample, trimmed width)."""
+                       with_aug: bool = False, fixed_shape: bool = False) -> list[dict[str, Any]]:
+    """Split ``rows`` of a RolloutBatch into micro-batch dicts (pixel rows sliced per sample).
+
+    Each micro-batch is trimmed to its longest row, unless ``fixed_shape`` (pipeline parallelism: every
+    micro-batch must have the shape the schedule's p2p buffers expect): then all keep the batch's full width
+    and ``len(rows)`` must be a multiple of ``micro_size``.
+    """
+    if fixed_shape and len(rows) % micro_size:
+        raise ValueError(f"pipeline parallelism needs equal micro-batches: {len(rows)} rows per rank are not a multiple of "
+                         f"optim.micro_batch_size={micro_size}")
     patches = (batch.image_grid_thw.prod(-1)).tolist() if batch.image_grid_thw.numel() else []
     imgs_per_row = _images_per_row(batch)
     img_start = [0]
@@ -51,7 +59,7 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     for i in range(0, len(rows), micro_size):
         sel = rows[i:i + micro_size]
         idx = torch.tensor(sel)
-        width = int(batch.attention_mask[idx].sum(-1).max().item())
+        width = batch.input_ids.shape[1] if fixed_shape else int(batch.attention_mask[idx].sum(-1).max().item())
         labels = batch.labels[idx, :width].clone()
         labels[batch.label_mask[idx, :width] == 0] = IGNORE_INDEX
         img_ids = [k for r in sel for k in range(img_start[r], img_start[r + 1])]

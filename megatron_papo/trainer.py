@@ -144,7 +144,8 @@ class Trainer:
         rows_samples = repeat_interleave([gr.sample for gr in groups], cfg.rollout.n)
         responses = [ids for gr in groups for ids in gr.response_ids]
         aug = repeat_interleave([gr.aug_pixel_values for gr in groups], cfg.rollout.n) if self.papo else None
-        batch = collate_rollouts(rows_samples, responses, self.pad_id, aug_pixel_values=aug)
+        pad_to = g.tp_size if cfg.parallel.sequence_parallel else 1
+        batch = collate_rollouts(rows_samples, responses, self.pad_id, aug_pixel_values=aug, pad_to_multiple_of=pad_to)
         batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in rows_samples]
         scores = torch.tensor([s for gr in groups for s in gr.scores], dtype=torch.float32)
         adv = compute_advantages(cfg.algo.adv_estimator, scores, batch.uids)
@@ -154,11 +155,12 @@ class Trainer:
         per_dp = B // g.dp_size
         my_rows = list(range(g.dp_rank * per_dp, (g.dp_rank + 1) * per_dp))
         mbs = cfg.optim.micro_batch_size
+        fixed = g.pp_size > 1
         temp = cfg.rollout.temperature
 
         # ---- log-probs under theta_old (original and masked views) and the reference
         t = time.perf_counter()
-        micro = make_micro_batches(batch, my_rows, mbs, with_aug=self.papo)
+        micro = make_micro_batches(batch, my_rows, mbs, with_aug=self.papo, fixed_shape=fixed)
         per_token: dict[str, torch.Tensor] = {}
         per_token["old_logprob"] = self._gather_stats(self.actor, micro, batch, StatsRequest("ori"), temp)
         timing["old_logprob"] = time.perf_counter() - t
@@ -185,7 +187,7 @@ class Trainer:
                 rows = my_rows[m * rows_per_mini:(m + 1) * rows_per_mini]
                 all_rows = [d * per_dp + m * rows_per_mini + i for d in range(g.dp_size) for i in range(rows_per_mini)]
                 global_tokens = float(batch.label_mask[all_rows].sum())
-                mb = make_micro_batches(batch, rows, mbs, extra=extra_t, with_aug=self.papo)
+                mb = make_micro_batches(batch, rows, mbs, extra=extra_t, with_aug=self.papo, fixed_shape=fixed)
                 out = self.actor.train_mini_batch(mb, spec, temperature=temp, global_tokens=global_tokens,
                                                   global_seqs=float(len(all_rows)), paired=self.papo and live_or_exact,
                                                   want_exact=cfg.algo.entropy_estimator == "exact")
