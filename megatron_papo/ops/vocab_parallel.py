@@ -34,12 +34,12 @@ Ignored tokens (label ``-100``) are computed like the others but their outputs a
 Memory. Work proceeds over blocks of token rows: at most ``chunk_size`` rows (default: all), and on
 CPU additionally at most ~8 MiB of fp32 per work buffer, which keeps every pass of a block in cache and
 is several times faster than whole-shard passes (fresh multi-GiB temporaries cost page faults). The
-forward holds three fp32 ``[rows, V_local]`` work buffers for both views together (``u``, ``exp(u)``,
-a product for the row dots); the backward recomputes the softmax from the saved inputs (no softmax
-is saved; only per-token scalars are) and holds one fp32 buffer per view (plus one fp32 staging buffer
-for bf16/fp16 gradients) besides the gradients it returns. Unchunked on GPU that is at most 1.5 local
-shards per view; with chunks or on CPU it is ``rows / N`` of that. Inputs are never modified in place;
-bf16/fp16 inputs are upcast block by block and accumulated in fp32. All outputs are fp32.
+forward holds two fp32 ``[rows, V_local]`` work buffers for both views together; the backward
+recomputes the softmax from the saved inputs (no softmax is saved, only per-token scalars) and holds
+one fp32 buffer per view besides the gradients it returns (plus one fp32 staging buffer for bf16/fp16
+gradients). Unchunked on GPU that is at most one fp32 local shard per view (1.5 with bf16 gradients);
+with chunks or on CPU it is ``rows / N`` of that. Inputs are never modified in place; bf16/fp16 inputs
+are upcast block by block and accumulated in fp32. All outputs are fp32.
 
 This eager torch code is the reference and the CPU path; there is no fused GPU path yet.
 """
@@ -112,19 +112,14 @@ def _buffers(count: int, rows: int, v_local: int, like: torch.Tensor) -> list[to
     return [torch.empty(rows, v_local, dtype=torch.float32, device=like.device) for _ in range(count)]
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product ``sum(a * b, -1)`` of two ``[n, v]`` fp32 blocks, using the work buffer ``tmp``."""
-    return torch.mul(a, b, out=tmp[: a.shape[0]]).sum(-1)
-
-
-def _sum_split_top(eu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row sums of ``eu = exp(u)`` split as (sum of entries below 1, number of entries equal to 1); clobbers ``eu``.
+def _sum_split_top(eu: torch.Tensor, tmp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row sums of ``eu = exp(u)`` split as (sum of entries below 1, number of entries equal to 1); uses ``tmp``.
 
     Entries at the global max are exactly 1; keeping them out of the fp32 sum and counting them instead
     lets ``log S = log1p(rest + count - 1)`` resolve ``S - 1`` far below fp32's epsilon.
     """
     total = eu.sum(-1)
-    rest = eu.frac_().sum(-1)  # frac(1) = 0, frac(e) = e for e < 1
+    rest = torch.frac(eu, out=tmp[: eu.shape[0]]).sum(-1)  # frac(1) = 0, frac(e) = e for e < 1
     return rest, (total - rest).round_()  # the count is an integer; total's rounding error is << 0.5
 
 
@@ -159,25 +154,24 @@ class _TokenStatsFn(torch.autograd.Function):
         # Local partial sums, block by block, into one payload; then one SUM all-reduce.
         part = torch.zeros(n, _NCOL, dtype=torch.float32, device=x.device)
         rows = _block_rows(n, v_local, chunk_size, x.device)
-        buf_u, buf_e, buf_t = _buffers(3, rows, v_local, x)
-        for s, e in _chunks(n, rows):
-            u = _shifted(x[s:e], m[s:e], temperature, buf_u)
+        buf_a, buf_b = _buffers(2, rows, v_local, x)
+        for s, e in _chunks(n, rows):  # two buffers; each step below says what it overwrites
+            u = _shifted(x[s:e], m[s:e], temperature, buf_a)
             part[s:e, _UY] = torch.where(on_shard[s:e], u.gather(-1, idx[s:e, None]).squeeze(-1), 0.0)
-            eu = torch.exp(u, out=buf_e[: e - s])
+            eu = torch.exp(u, out=buf_b[: e - s])
             if want_ent or want_kl:
-                part[s:e, _EU] = _dot(eu, u, buf_t)
+                part[s:e, _EU] = u.mul_(eu).sum(-1)  # u -> e*u
+            part[s:e, _S], part[s:e, _C] = _sum_split_top(eu, buf_a)
             if has_ref:
-                ur = _shifted(xr[s:e], mr[s:e], temperature, buf_u)  # u is no longer needed
+                ur = _shifted(xr[s:e], mr[s:e], temperature, buf_a)
                 part[s:e, _UYR] = torch.where(on_shard[s:e], ur.gather(-1, idx[s:e, None]).squeeze(-1), 0.0)
                 if want_kl:
-                    part[s:e, _EUX] = _dot(eu, ur, buf_t)
-            part[s:e, _S], part[s:e, _C] = _sum_split_top(eu)
-            if has_ref:
-                eu = torch.exp(ur, out=eu)  # p is no longer needed
+                    part[s:e, _EUX] = eu.mul_(ur).sum(-1)  # e -> e*u'
+                eu = torch.exp(ur, out=eu)
                 if want_ref_ent:
-                    part[s:e, _EUR] = _dot(eu, ur, buf_t)
-                part[s:e, _SR], part[s:e, _CR] = _sum_split_top(eu)
-        del buf_u, buf_e, buf_t
+                    part[s:e, _EUR] = ur.mul_(eu).sum(-1)  # u' -> e'*u'
+                part[s:e, _SR], part[s:e, _CR] = _sum_split_top(eu, buf_a)
+        del buf_a, buf_b
         tot = _all_reduce(part, dist.ReduceOp.SUM, group, world)
 
         valid = labels != IGNORE_INDEX
