@@ -55,7 +55,7 @@ def train_gpt(tp: int = 1, pp: int = 1, steps: int = 5, distopt: bool = False, s
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, VOCAB, (steps, GLOBAL_BATCH, SEQ + 1), generator=g)
     per_dp = GLOBAL_BATCH // groups.dp_size
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         batch = data[step, groups.dp_rank * per_dp:(groups.dp_rank + 1) * per_dp]
         micro = [batch[i:i + MICRO] for i in range(0, per_dp, MICRO)]
@@ -77,12 +77,13 @@ def train_gpt(tp: int = 1, pp: int = 1, steps: int = 5, distopt: bool = False, s
             c.zero_grad_buffer()
         opt.zero_grad()
         res = forward_backward(chunks, fwd, it, len(micro), groups, seq_length=SEQ, micro_batch_size=MICRO)
-        opt.step()
+        _, gnorm, _ = opt.step()
+        norms.append(float(gnorm))
         if groups.is_last_stage:
             val = torch.stack([r["loss"] for r in res]).mean()
             dist.all_reduce(val, group=groups.dp_group)
             losses.append(val.item() / groups.dp_size)
-    return {"losses": losses, "last": groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0}
+    return {"losses": losses, "grad_norms": norms, "last": groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0}
 
 
 def _reseed_by_global_name(model, groups) -> None:
