@@ -89,12 +89,33 @@ def _images_per_row(batch: RolloutBatch) -> list[int]:
     return [n_img // n_rows] * n_rows
 
 
+BANNED_LOGIT = -1.0e30  # finite: exp() underflows to exactly 0 and 0 * u stays 0 in entropy/KL sums
+
+
+def ban_logits_(logits: torch.Tensor, banned_ids: list[int], tp_rank: int) -> torch.Tensor:
+    """Set this rank's vocab-shard columns of ``banned_ids`` to a huge negative value, in place.
+
+    The rollout engine samples with the same ids banned (``rollout.tokens.banned_token_ids``), so the
+    trainer's log-softmax must exclude them too or its log-probs differ from the engine's. In place
+    and safe for autograd: the output layer saves its input and weight, not its output.
+    """
+    if not banned_ids:
+        return logits
+    v_local = logits.shape[-1]
+    lo = tp_rank * v_local
+    local = [i - lo for i in banned_ids if lo <= i < lo + v_local]
+    if local:
+        logits.index_fill_(-1, torch.tensor(local, device=logits.device), BANNED_LOGIT)
+    return logits
+
+
 class PolicyModel:
     """One Qwen2.5-VL pipeline stage (TP-sharded) loaded from an HF dir; trainable (actor) or frozen (reference)."""
 
     def __init__(self, model_cfg: Any, groups: ParallelGroups, hf_dir: str, *, sequence_parallel: bool = False,
-                 trainable: bool, optim: Optional[OptimSettings] = None) -> None:
+                 trainable: bool, optim: Optional[OptimSettings] = None, banned_ids: Optional[list[int]] = None) -> None:
         self.groups = groups
+        self.banned_ids = list(banned_ids or [])
         model = build_model(model_cfg, groups, hf_dir=hf_dir, sequence_parallel=sequence_parallel)
         load_hf_into_mcore([model], hf_dir, groups)
         self.trainable = trainable
@@ -122,6 +143,7 @@ class PolicyModel:
         tp_group = self.groups.tp_group
 
         def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
+            ban_logits_(logits, self.banned_ids, self.groups.tp_rank)
             st = token_stats(logits, mb["labels"], tp_group, temperature=temperature, entropy=req.entropy)
             out = {"logprob": st.logprob}
             if req.entropy:
@@ -152,6 +174,7 @@ class PolicyModel:
         live = spec.aug_mode == "live"
 
         def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
+            ban_logits_(logits, self.banned_ids, self.groups.tp_rank)
             labels = mb["labels"]
             mask = (labels != IGNORE_INDEX).long()
             if paired:

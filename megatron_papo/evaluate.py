@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_papo.config import load_config
     from megatron_papo.data.dataset import load_prompt_dataset
     from megatron_papo.rewards import get_reward_fn
-    from megatron_papo.rollout import make_engine
+    from megatron_papo.rollout_phase import make_engine
 
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not an HF checkpoint directory (no config.json)")

@@ -37,6 +37,19 @@ class Group:
         return sum(r.get("accuracy", 0.0) for r in self.rewards) / max(1, len(self.rewards))
 
 
+def make_engine(rollout_cfg: Any, hf_dir: str) -> Any:
+    """The configured rollout engine for an HF checkpoint directory (not started)."""
+    if rollout_cfg.engine == "sglang":
+        from megatron_papo.rollout.sglang_engine import SGLangEngine
+
+        return SGLangEngine.from_config(rollout_cfg, hf_dir)
+    if rollout_cfg.engine == "vllm":
+        from megatron_papo.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine.from_config(rollout_cfg, hf_dir)
+    raise ValueError(f"unknown rollout.engine '{rollout_cfg.engine}'; known: sglang, vllm")
+
+
 def sample_seed(seed: int, step: int, uid: int, k: int) -> int:
     """A 31-bit sampling seed for response k of prompt uid at this step."""
     return (seed * 1_000_003 + step * 10_007 + uid * 101 + k) % (2**31 - 1)

@@ -55,7 +55,7 @@ def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
     arch = load_arch(hf_dir)
     groups.dims.check_model(num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers,
                             vision_heads=arch.vision.num_heads)
-    from megatron_papo.rollout import make_engine
+    from megatron_papo.rollout_phase import make_engine
     from megatron_papo.trainer import Trainer
 
     trainer = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d: make_engine(c.rollout, d).start())

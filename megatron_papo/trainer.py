@@ -33,6 +33,22 @@ from megatron_papo.utils.metrics import MetricsWriter
 log = get_logger("trainer")
 
 
+def engine_banned_ids(hf_dir: str, tokenizer: Any) -> list[int]:
+    """The ids the rollout engine never samples (same rule as the engine: specials except EOS, unused rows)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from megatron_papo.rollout.tokens import banned_token_ids, eos_token_ids
+
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None)
+    try:
+        gen_eos = GenerationConfig.from_pretrained(hf_dir).eos_token_id
+    except OSError:
+        gen_eos = None
+    gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    return banned_token_ids(tokenizer, vocab, allowed=eos_token_ids(tokenizer, gen_eos))
+
+
 class InvariantError(RuntimeError):
     """A first-step invariant (actor == reference log-probs, PPO ratio == 1) does not hold."""
 
@@ -57,8 +73,10 @@ class Trainer:
                                  adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,
                                  bf16=self._dtype() == torch.bfloat16)
         sp = cfg.parallel.sequence_parallel
-        self.actor = PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=True, optim=settings)
-        self.ref = PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=False) if cfg.algo.use_ref else None
+        banned = engine_banned_ids(hf_dir, self.tokenizer)
+        self.actor = PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=True, optim=settings, banned_ids=banned)
+        self.ref = (PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=False, banned_ids=banned)
+                    if cfg.algo.use_ref else None)
         self.papo = cfg.algo.kl_prcp_coef > 0 or cfg.algo.aug_entropy_coef > 0
         self.engine = engine_factory(cfg, hf_dir) if (self.is_rank0 and engine_factory is not None) else None
         self.step = 0
