@@ -1,0 +1,1 @@
+"""Model implementations on Megatron-Core (Qwen2.5-VL)."""

@@ -1,0 +1,136 @@
+"""Qwen2.5-VL on Megatron-Core: vision tower (first pipeline stage) + M-RoPE ``GPTModel`` language model.
+
+``Qwen25VLModel.forward(input_ids, attention_mask, position_ids, pixel_values, image_grid_thw)``
+returns **vocab-parallel** logits ``[B, S, V/tp]`` on the last pipeline stage (never gathered over
+the vocabulary) and the hidden states ``[S, B, H]`` to send on other stages. On the first stage the
+image features are scattered into the ``<|image_pad|>`` positions (row-major over the batch, like
+transformers). Padded batches: ``attention_mask`` ``[B, S]`` (1 = token, 0 = pad, anywhere in the
+row) becomes a causal+padding mask; M-RoPE positions skip the padding. With sequence parallelism the
+sequence is right-padded to a multiple of TP inside the forward and the logits are cut back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from megatron_papo.models.qwen2_5_vl.config import QwenVLArch
+from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+
+
+def causal_padding_mask(attention_mask: Optional[torch.Tensor], seq_len: int) -> Optional[torch.Tensor]:
+    """mcore attention mask ``[B, 1, S, S]`` (True = masked) from a ``[B, S]`` keep-mask; None if nothing is padded."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    keep = attention_mask.bool()
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep.device).tril()
+    allowed = causal[None] & keep[:, None, :]
+    return (~allowed).unsqueeze(1)
+
+
+class Qwen25VLModel(torch.nn.Module):
+    """Qwen2.5-VL as one pipeline stage (``pre_process``: embeddings + vision; ``post_process``: head)."""
+
+    def __init__(self, arch: QwenVLArch, lm_config: Any, vision_config: Any, lm_spec: Any, vision_spec: Any, *,
+                 pre_process: bool, post_process: bool, pg_collection: Any, freeze_vision_tower: bool = False) -> None:
+        super().__init__()
+        from megatron.core.models.gpt.gpt_model import GPTModel
+
+        from megatron_papo.models.qwen2_5_vl.vision import Qwen25VisionModel
+
+        self.arch = arch
+        self.config = lm_config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.vision = None
+        if pre_process:
+            self.vision = Qwen25VisionModel(vision_config, arch.vision, arch.hidden_size, vision_spec, pg_collection)
+            if freeze_vision_tower:
+                for p in self.vision.parameters():
+                    p.requires_grad_(False)
+        self.language_model = GPTModel(
+            config=lm_config, transformer_layer_spec=lm_spec, vocab_size=arch.vocab_size,
+            max_sequence_length=arch.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+            parallel_output=True, share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="mrope", rotary_base=arch.rope_theta, scatter_embedding_sequence_parallel=False,
+            pg_collection=pg_collection,
+        )
+        self.model_type = self.language_model.model_type
+
+    # --- pipeline plumbing (mcore schedules call these) ---
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        """Receive the previous stage's activations (mcore pipeline schedules)."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        """The tied embedding / output weight (mcore's finalize_model_grads looks for it)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Whether input embedding and LM head are tied."""
+        return self.language_model.share_embeddings_and_output_weights
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                     image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+        """M-RoPE position ids ``[3, B, S]`` as transformers computes them."""
+        return get_rope_index(input_ids, image_token_id=self.arch.image_token_id,
+                              video_token_id=self.arch.video_token_id,
+                              spatial_merge_size=self.arch.vision.spatial_merge_size,
+                              tokens_per_second=self.arch.vision.tokens_per_second, image_grid_thw=image_grid_thw,
+                              attention_mask=attention_mask)[0]
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+               image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+        image_mask = input_ids == self.arch.image_token_id
+        if pixel_values is None or image_grid_thw is None or image_grid_thw.numel() == 0:
+            if bool(image_mask.any()):
+                raise ValueError(f"{int(image_mask.sum())} <|image_pad|> tokens but no pixel_values/image_grid_thw")
+            return emb
+        feats = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
+        if feats.shape[0] != int(image_mask.sum()):
+            raise ValueError(f"image features and image tokens do not match: {feats.shape[0]} features, "
+                             f"{int(image_mask.sum())} <|image_pad|> tokens")
+        emb = emb.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), feats)
+        return emb.transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[B, S, V/tp]`` (last stage) or hidden states ``[S(/tp), B, H]`` (other stages).
+
+        Args:
+            input_ids: ``[B, S]`` (needed on every stage: position ids and the padding mask come from it).
+            attention_mask: ``[B, S]`` 1 = token, 0 = padding; None = no padding.
+            position_ids: ``[3, B, S]`` M-RoPE positions; computed from the inputs when None.
+            pixel_values: ``[n_patches, 3*2*14*14]`` (processor output), first stage only.
+            image_grid_thw: ``[n_images, 3]``.
+        """
+        from megatron.core import tensor_parallel
+
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        tp = self.tp_group.size() if self.tp_group is not None else 1
+        pad = (-S) % tp if self.config.sequence_parallel else 0
+        if pad:
+            input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=0)
+            position_ids = torch.nn.functional.pad(position_ids, (0, pad), value=0)
+            keep = attention_mask if attention_mask is not None else torch.ones(B, S, dtype=torch.long,
+                                                                                device=input_ids.device)
+            attention_mask = torch.nn.functional.pad(keep, (0, pad), value=0)
+        mask = causal_padding_mask(attention_mask, S + pad)
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input, group=self.tp_group)
+        out = self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                                  decoder_input=decoder_input)
+        if self.post_process and pad:
+            out = out[:, :S]
+        return out

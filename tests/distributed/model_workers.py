@@ -1,0 +1,118 @@
+"""Worker functions for the Qwen2.5-VL model tests (run on torchrun gloo ranks via tests/harness.py).
+
+``check_layout`` builds the mcore model at a TP x PP layout, loads an HF checkpoint and returns:
+log-prob parity against transformers, an HF→mcore→HF round trip against the safetensors files, and
+(saved to disk) the HF-named gradients of a log-prob loss for comparison across layouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _setup(tp: int, pp: int, sp: bool) -> Any:
+    from megatron_papo.config.parallel import ParallelConfig
+    from megatron_papo.parallel import init_distributed
+
+    return init_distributed(ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, device="cpu"))
+
+
+def _read_checkpoint(hf_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _allreduce_like_finalize(model: Any, pg: Any) -> None:
+    """What mcore's finalize_model_grads does for plain (non-DDP) params: SP norms over TP, tied embedding over PP."""
+    import torch.distributed as dist
+
+    if pg.tp_size > 1:
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                dist.all_reduce(p.grad, group=pg.tp_group)
+    if pg.pp_size > 1 and model.share_embeddings_and_output_weights and (pg.is_first_stage or pg.is_last_stage):
+        w = model.shared_embedding_or_output_weight()
+        dist.all_reduce(w.grad, group=pg.embd_group)
+
+
+def check_layout(hf_dirs: list[str], tp: int, pp: int, sp: bool = False, padding_side: str = "right",
+                 grads_dir: str = "") -> dict[str, Any]:
+    """Parity, round trip and (optionally) gradients for each HF dir at one layout; results per dir."""
+    import torch.distributed as dist
+    from transformers import AutoProcessor
+
+    from megatron_papo.models.qwen2_5_vl import build_model, export_to_hf, load_hf_into_mcore, parity
+
+    pg = _setup(tp, pp, sp)
+    results: dict[str, Any] = {}
+    for hf_dir in hf_dirs:
+        tag = Path(hf_dir).parent.name
+        model = build_model(None, pg, hf_dir=hf_dir, sequence_parallel=sp)
+        load_hf_into_mcore([model], hf_dir)
+        batch = parity.make_batch(AutoProcessor.from_pretrained(hf_dir), parity.builtin_samples(), padding_side)
+        res: dict[str, Any] = {}
+        # 1) log-prob parity (last stage computes; every rank gets the numbers)
+        lp = parity.mcore_token_logprobs([model], batch, pg)
+        stats = torch.zeros(2)
+        if lp is not None:
+            mask = parity.token_mask(batch)
+            ref = parity.hf_token_logprobs(hf_dir, batch)
+            stats = torch.tensor([float((lp - ref).abs()[mask].max()), float(mask.sum())])
+        if pg.pp_size > 1:
+            dist.broadcast(stats, src=dist.get_global_rank(pg.pp_group, pg.pp_size - 1), group=pg.pp_group)
+        res["max_abs_logprob_diff"], res["tokens"] = float(stats[0]), int(stats[1])
+        # 2) round trip: exported names and tensors equal the checkpoint's, bit for bit
+        ckpt = _read_checkpoint(hf_dir)
+        exported = dict(export_to_hf([model]))
+        res["missing_names"] = sorted(set(ckpt) - set(exported))
+        res["extra_names"] = sorted(set(exported) - set(ckpt))
+        res["not_bit_exact"] = sorted(n for n in set(ckpt) & set(exported) if not torch.equal(ckpt[n], exported[n]))
+        # 3) gradients of a log-prob loss, exported in HF names
+        if grads_dir:
+            gen = torch.Generator().manual_seed(7)
+            mask = parity.token_mask(batch)
+            weights = torch.rand(mask.shape, generator=gen) * mask
+            weights = weights / weights.sum()  # a token-mean log-prob loss (what the trainer optimises)
+            model.zero_grad(set_to_none=True)
+            parity.mcore_token_logprobs([model], batch, pg, grad_scale=weights)
+            _allreduce_like_finalize(model, pg)
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = dict(export_to_hf([model], value=lambda p: p.grad))
+            if dist.get_rank() == 0:
+                Path(grads_dir).mkdir(parents=True, exist_ok=True)
+                torch.save(grads, Path(grads_dir) / f"{tag}_tp{tp}_pp{pp}_sp{int(sp)}.pt")
+        results[tag] = res
+    return results
+
+
+def param_counts(names: list[str]) -> dict[str, int]:
+    """Parameter counts of published configs built on the meta device (mcore, TP=1, one stage)."""
+    from megatron_papo.models.qwen2_5_vl import build_model, load_arch
+
+    pg = _setup(1, 1, False)
+    out = {}
+    for name in names:
+        model = build_model(None, pg, arch=load_arch(name), meta=True)
+        out[name] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+def build_expect_error(hf_dir: str, tp: int) -> str:
+    """Build at a TP that does not divide the heads; return the error message."""
+    from megatron_papo.models.qwen2_5_vl import build_model
+
+    pg = _setup(tp, 1, False)
+    try:
+        build_model(None, pg, hf_dir=hf_dir)
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(e).__name__}: {e}"
+    return ""
