@@ -1,0 +1,102 @@
+"""End-to-end training on the tiny model with the real SGLang engine: metrics, parallel layouts, exact resume.
+
+Each run is ``megatron-papo train --config tiny_cpu`` (PAPO on, reference KL, masked views) shortened
+to a few steps and a small synthetic train split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, free_port
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+SHORT = ["data.synthetic_train_size=64", "data.synthetic_test_size=16", "eval_n=1", "logging.progress=false"]
+REQUIRED = ["step", "reward/mean", "reward/accuracy", "loss/pg", "loss/kl_prcp", "entropy/ori", "entropy/aug",
+            "clipfrac/high", "kl/ref", "rollout/logprob_gap", "timing/rollout", "timing/update", "timing/sync",
+            "throughput/tokens_per_s"]
+# first-step values that must not depend on the parallel layout (timings and throughput do)
+LAYOUT_FREE = ["reward/mean", "reward/accuracy", "loss/pg", "loss/kl_prcp", "loss/kl_ref", "loss/total", "kl/prcp", "kl/ref",
+               "entropy/ori", "entropy/aug", "clipfrac/high", "ppo_kl", "grad_norm"]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def _cmd(run_dir: Path, nproc: int, extra: list[str]) -> list[str]:
+    args = ["-m", "megatron_papo.cli", "train", "--config", "tiny_cpu", f"run_dir={run_dir}", *SHORT, *extra]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", *args]
+
+
+def _train(run_dir: Path, nproc: int = 1, extra: list[str] = (), timeout: float = 900) -> list[dict]:
+    proc = subprocess.run(_cmd(run_dir, nproc, list(extra)), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return _metrics(run_dir)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_metrics_tensorboard_and_engine_gap(tmp_path):
+    run = tmp_path / "run"
+    rows = _train(run, extra=["total_steps=3", "checkpoint.save_every=0"])
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+        assert r["rollout/logprob_gap"] <= 1e-4, r["rollout/logprob_gap"]  # engine == trainer log-probs after every sync
+    assert steps[0]["check/actor_ref_gap"] == 0.0 and steps[0]["kl/ref"] == 0.0 and abs(steps[0]["ppo_kl"]) < 1e-7
+    assert steps[1]["kl/ref"] > 0  # the actor moved away from the reference
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert evals and 0.0 <= evals[-1]["eval/accuracy"] <= 1.0 and 0.2 <= evals[-1]["eval/majority_baseline"] <= 0.35
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file() and (run / "logs" / "rank0.log").is_file()
+    assert (run / "checkpoints" / "latest").read_text() == "step_000003"
+
+
+@pytest.mark.distributed
+def test_tp2_and_pp2_first_step_equals_single_process(tmp_path):
+    extra = ["total_steps=1", "checkpoint.save_every=0", "eval_at_end=false"]
+    ref = _train(tmp_path / "tp1", extra=extra)[0]
+    for name, layout in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2", "optim.micro_batch_size=32"])):
+        got = _train(tmp_path / name, nproc=2, extra=extra + layout)[0]
+        for k in LAYOUT_FREE:
+            assert abs(got[k] - ref[k]) <= 1e-4 * max(1.0, abs(ref[k])), (name, k, got[k], ref[k])
+
+
+def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
+    extra = ["total_steps=4", "checkpoint.save_every=2", "eval_at_end=false"]
+    full = _train(tmp_path / "full", extra=extra)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(run, 1, extra), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = run / "checkpoints" / "latest"
+    deadline = time.time() + 900
+    while time.time() < deadline and not (marker.is_file() and marker.read_text() == "step_000002"):
+        assert proc.poll() is None, "training exited before the step-2 checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its engine processes, mid step 3
+    proc.wait()
+    resumed = _train(run, extra=extra)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("timing/", "throughput/"))} for r in rows]
+
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert strip(resumed) == strip(full)

@@ -1,0 +1,73 @@
+"""Step-time breakdown (rollout, log-probs, update, sync) of GRPO vs PAPO (faithful, live) on ``tiny_cpu``.
+
+One process, one SGLang engine shared by the variants (each variant pushes its initial weights
+first), the same prompts and seeds for all. Prints one JSON object: per variant the mean of every
+``timing/*`` over the measured steps, and the ratios PAPO/GRPO of the step time.
+
+    .venv/bin/python tools/bench/train_step.py --steps 6 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+VARIANTS = {
+    "grpo": ["algo.kl_prcp_coef=0.0"],
+    "papo_faithful": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=detached"],
+    "papo_live": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=live", "algo.aug_entropy_coef=0.01"],
+    "papo_exact_kl": ["algo.kl_prcp_coef=0.02", "algo.kl_prcp_estimator=exact"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=6, help="steps per variant (including warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="leading steps excluded from the means")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every variant")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from megatron_papo.config import load_config
+    from megatron_papo.parallel import init_distributed
+    from megatron_papo.rollout_phase import make_engine
+    from megatron_papo.train import prepare_model_dir
+    from megatron_papo.trainer import Trainer
+
+    root = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
+    base = ["checkpoint.save_every=0", "eval_at_end=false", "logging.progress=false", "logging.tensorboard=false",
+            "checkpoint.resume=never", *args.overrides]
+    engine = None
+    groups = None
+    out: dict[str, dict[str, float]] = {}
+    for name in args.variants:
+        cfg = load_config("tiny_cpu", base + VARIANTS[name] + [f"run_dir={root / name}", f"total_steps={args.steps}"])
+        groups = groups or init_distributed(cfg.parallel, seed=cfg.seed)
+        hf_dir = prepare_model_dir(cfg, groups.rank) if engine is None else str(root / args.variants[0] / "tiny_model")
+        if engine is None:
+            engine = make_engine(cfg.rollout, hf_dir).start()
+        trainer = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d: engine)
+        trainer.sync_weights()  # the shared engine starts every variant from the same initial weights
+        rows = []
+        for step in range(1, args.steps + 1):
+            rows.append(trainer.train_step(step))
+            trainer.step = step
+        measured = rows[args.warmup:]
+        keys = sorted(k for k in measured[0] if k.startswith("timing/"))
+        out[name] = {k: sum(r[k] for r in measured) / len(measured) for k in keys}
+        trainer.engine = None  # shared: shut down once at the end
+    if engine is not None:
+        engine.shutdown()
+    base_t = out.get("grpo", {}).get("timing/step")
+    ratios = {f"{k}/grpo": v["timing/step"] / base_t for k, v in out.items() if base_t and k != "grpo"}
+    print(json.dumps({"steps": args.steps, "warmup": args.warmup, "timing": out, "ratios": ratios}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
