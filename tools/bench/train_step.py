@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_dir = prepare_model_dir(cfg, groups.rank) if engine is None else str(root / args.variants[0] / "tiny_model")
         if engine is None:
             engine = make_engine(cfg.rollout, hf_dir).start()
-        trainer = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d: engine)
+        trainer = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d, e=engine: e)
         trainer.sync_weights()  # the shared engine starts every variant from the same initial weights
         rows = []
         for step in range(1, args.steps + 1):
