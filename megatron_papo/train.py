@@ -58,7 +58,8 @@ def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
     from megatron_papo.rollout_phase import make_engine
     from megatron_papo.trainer import Trainer
 
-    trainer = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d: make_engine(c.rollout, d).start())
+    factory = None if cfg.mode == "train_from_rollouts" else (lambda c, d: make_engine(c.rollout, d).start())
+    trainer = Trainer(cfg, groups, hf_dir, engine_factory=factory)
     signal.signal(signal.SIGTERM, lambda *_: (trainer.close(), sys.exit(143)))
     try:
         trainer.run()

@@ -134,8 +134,30 @@ class Trainer:
         r = self.cfg.rollout
         return {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
 
+    def _rollouts_path(self, step: int) -> Path:
+        root = Path(self.cfg.rollouts_dir) if self.cfg.rollouts_dir else self.run_dir / "rollouts"
+        return root / f"step_{step:06d}.pt"
+
     def _rollout(self, step: int) -> tuple[list[Group], dict[str, float]]:
         cfg = self.cfg
+        if cfg.mode == "train_from_rollouts":
+            path = self._rollouts_path(step)
+            if not path.is_file():
+                raise FileNotFoundError(f"mode=train_from_rollouts: no saved rollouts for step {step} at {path}; "
+                                        "record them first with mode=rollout_only (same rollouts_dir)")
+            self.loader.next_batch()  # keep the data position in step with the recorded run
+            return torch.load(path, weights_only=False), {}
+        groups, extra = self._generate(step)
+        if cfg.mode == "rollout_only" and self.is_rank0:
+            path = self._rollouts_path(step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(groups, path)
+        return groups, extra
+
+    def _generate(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        cfg = self.cfg
+        if self.engine is not None and cfg.rollout.mode == "colocated":
+            self.engine.resume_memory()
 
         def draw() -> list[Group]:
             samples = self.loader.next_batch()
@@ -144,11 +166,16 @@ class Trainer:
                                    processor=self.processor, make_aug=self.papo)
 
         if not cfg.algo.dynamic_sampling:
-            return draw(), {}
-        a = cfg.algo
-        res = fill_batch(draw, cfg.optim.rollout_batch_size, a.dynamic_sampling_max_tries,
-                         keep_fn=lambda g: a.dynamic_sampling_low < g.mean_accuracy < a.dynamic_sampling_high, on_limit="warn")
-        return res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
+            groups, extra = draw(), {}
+        else:
+            a = cfg.algo
+            res = fill_batch(draw, cfg.optim.rollout_batch_size, a.dynamic_sampling_max_tries,
+                             keep_fn=lambda g: a.dynamic_sampling_low < g.mean_accuracy < a.dynamic_sampling_high,
+                             on_limit=a.dynamic_sampling_on_limit)
+            groups, extra = res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
+        if self.engine is not None and cfg.rollout.mode == "colocated":
+            self.engine.release_memory()  # colocated: the engine gives its memory back while the actor trains
+        return groups, extra
 
     def train_step(self, step: int) -> dict[str, float]:
         """One RL step; returns the metrics logged for it (complete on rank 0)."""
@@ -158,6 +185,9 @@ class Trainer:
         groups, extra = self._rollout(step)
         timing["rollout"] = time.perf_counter() - t
         metrics = {**rollout_metrics(groups, cfg.rollout.max_new_tokens), **extra}
+        if cfg.mode == "rollout_only":
+            metrics["timing/rollout"] = timing["rollout"]
+            return metrics
 
         rows_samples = repeat_interleave([gr.sample for gr in groups], cfg.rollout.n)
         responses = [ids for gr in groups for ids in gr.response_ids]
@@ -222,7 +252,8 @@ class Trainer:
         metrics["update/skipped_total"] = self.skipped_updates
 
         t = time.perf_counter()
-        self.sync_weights()
+        if cfg.mode == "train":
+            self.sync_weights()
         timing["sync"] = time.perf_counter() - t
         n_tokens = int(batch.attention_mask.sum())
         total = sum(timing.values())

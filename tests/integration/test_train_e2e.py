@@ -100,3 +100,22 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
 
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert strip(resumed) == strip(full)
+
+
+def test_rollout_only_then_train_from_saved_rollouts(tmp_path):
+    rollouts = tmp_path / "rollouts"
+    extra = ["total_steps=2", "checkpoint.save_every=0", "eval_at_end=false", f"rollouts_dir={rollouts}"]
+    rec = _train(tmp_path / "rec", extra=extra + ["mode=rollout_only"])
+    assert sorted(p.name for p in rollouts.iterdir()) == ["step_000001.pt", "step_000002.pt"]
+    assert all("loss/pg" not in r for r in rec)  # no update in rollout-only mode
+    replay = _train(tmp_path / "replay", extra=extra + ["mode=train_from_rollouts"])
+    assert [r["reward/mean"] for r in replay] == [r["reward/mean"] for r in rec]
+    assert "loss/pg" in replay[0] and replay[0]["rollout/logprob_gap"] <= 1e-4
+
+
+def test_bad_layout_exits_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_papo.cli", "train", "--config", "tiny_cpu", f"run_dir={tmp_path}",
+                           "parallel.tp=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-papo:")]
+    assert len(lines) == 1 and "tp(2)*pp(1)*cp(1)=2 does not divide world_size 1" in lines[0], proc.stderr[-2000:]
