@@ -51,6 +51,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
@@ -192,6 +193,7 @@ class _TokenStatsFn(torch.autograd.Function):
         return logprob, ent, ref_lp, ref_ent, kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_lp, g_ent, g_rlp, g_rent, g_kl):
         x, xr, labels, m, mr, log_s, log_sr, ent, ref_ent, kl = ctx.saved_tensors
         rank, temperature, chunk_size, want_ent, want_ref_ent, want_kl = ctx.cfg

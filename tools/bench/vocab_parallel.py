@@ -19,8 +19,9 @@ Memory is tensor accounting, like CUDA's ``memory_allocated``: a ``TorchDispatch
 storage an op creates (views and in-place results of existing storages are not new) and drops it when
 the storage is freed; allocations inside a kernel (workspaces) are not seen. Reported: the forward peak,
 the backward peak minus the input gradients (which every method must return), and the larger of the two
-divided by the bytes of one local logits shard per view. Times are medians over ``--repeats`` runs,
-the slowest rank, without the tracker.
+divided by the bytes of one local logits shard per view. Times are the minimum (and the median) over
+``--repeats`` runs after a warm-up, of the slowest rank, without the tracker; ratios use the minimum,
+which is the least disturbed by other load on a shared machine.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def _run_once(name: str, x, xr, labels, group, chunk: int, grad: bool) -> None:
                 gv.local_grads()
 
 
-def _timed(fn: Callable[[], None], repeats: int, group) -> float:
+def _timed(fn: Callable[[], None], repeats: int, group) -> tuple[float, float]:
     times = []
     for _ in range(repeats + 1):
         dist.barrier(group)
@@ -170,7 +171,7 @@ def _timed(fn: Callable[[], None], repeats: int, group) -> float:
         dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=group)
         times.append(float(dt))
-    return statistics.median(times[1:])  # the first run is a warm-up
+    return statistics.median(times[1:]), min(times[1:])  # the first run is a warm-up
 
 
 def _memory(name: str, x, xr, labels, group, chunk: int) -> dict[str, int]:
@@ -227,9 +228,11 @@ def main() -> None:
         views = 1 if name == "c" else 2
         mem = _memory(name, x, xr, labels, group, chunk)
         extra = max(mem["fwd_peak"], mem["bwd_peak_minus_grads"])
+        t_fb = _timed(partial(_run_once, name, x, xr, labels, group, chunk, True), args.repeats, group)
+        t_f = _timed(partial(_run_once, name, x, xr, labels, group, chunk, False), args.repeats, group)
         rows[name] = {
-            "time_fwd_bwd_s": _timed(partial(_run_once, name, x, xr, labels, group, chunk, True), args.repeats, group),
-            "time_fwd_s": _timed(partial(_run_once, name, x, xr, labels, group, chunk, False), args.repeats, group),
+            "time_fwd_bwd_s": round(t_fb[1], 4), "time_fwd_bwd_median_s": round(t_fb[0], 4),
+            "time_fwd_s": round(t_f[1], 4), "time_fwd_median_s": round(t_f[0], 4),
             **{f"{k}_MiB": round(v / 2**20, 1) for k, v in mem.items()},
             "views": views,
             "peak_extra_per_view_in_shards": round(extra / (views * shard), 3),
