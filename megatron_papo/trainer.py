@@ -79,6 +79,7 @@ class Trainer:
                     if cfg.algo.use_ref else None)
         self.papo = cfg.algo.kl_prcp_coef > 0 or cfg.algo.aug_entropy_coef > 0
         self.engine = engine_factory(cfg, hf_dir) if (self.is_rank0 and engine_factory is not None) else None
+        self._engine_released = False
         self.step = 0
         self.skipped_updates = 0
         resume = self._maybe_resume()
@@ -121,6 +122,9 @@ class Trainer:
         t0 = time.perf_counter()
         tensors = export_to_hf(self.actor.modules, self.groups)
         if self.engine is not None:
+            if self._engine_released:
+                self.engine.resume_memory()
+                self._engine_released = False
             self.engine.update_weights(tensors)
         else:
             for _ in tensors:  # non-owners take part in the collectives
@@ -156,8 +160,9 @@ class Trainer:
 
     def _generate(self, step: int) -> tuple[list[Group], dict[str, float]]:
         cfg = self.cfg
-        if self.engine is not None and cfg.rollout.mode == "colocated":
+        if self.engine is not None and self._engine_released:
             self.engine.resume_memory()
+            self._engine_released = False
 
         def draw() -> list[Group]:
             samples = self.loader.next_batch()
@@ -175,6 +180,7 @@ class Trainer:
             groups, extra = res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
         if self.engine is not None and cfg.rollout.mode == "colocated":
             self.engine.release_memory()  # colocated: the engine gives its memory back while the actor trains
+            self._engine_released = True
         return groups, extra
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -341,6 +347,9 @@ class Trainer:
 
         res: dict[str, float] = {}
         if self.is_rank0 and self.engine is not None:
+            if self._engine_released:
+                self.engine.resume_memory()
+                self._engine_released = False
             res = evaluate_split(self.engine, self.cfg, self.processor, self.reward_fn, n=1)
             self.metrics.write(step, {f"eval/{k}": v for k, v in res.items()} | {"eval/final": float(final)})
             log.info("eval step %d: accuracy %.3f (majority baseline %.3f)", step, res["accuracy"], res["majority_baseline"])
