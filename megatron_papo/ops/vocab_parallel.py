@@ -58,6 +58,8 @@ IGNORE_INDEX = -100
 # Column layout of the stacked SUM all-reduce payload.
 _S, _C, _UY, _EU, _SR, _CR, _UYR, _EUR, _EUX = range(9)
 _NCOL = 9
+_FWD_FLOOR = torch.finfo(torch.float32).min
+_BWD_FLOOR = -1e30
 _CPU_BLOCK_BYTES = 8 << 20  # fp32 bytes per CPU work buffer: keeps a block's passes in cache
 
 
@@ -97,15 +99,20 @@ def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows, n)) for s in range(0, n, rows)]
 
 
-def _shifted(x_c: torch.Tensor, m_c: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+def _shifted(x_c: torch.Tensor, m_c: torch.Tensor, temperature: float, out: torch.Tensor,
+             floor: float = _FWD_FLOOR) -> torch.Tensor:
     """``u = (x - m) / T`` in fp32, written into the work buffer ``out`` (never into the input).
 
-    ``-inf`` logits are clamped to the most negative float so that ``exp(u) * u`` stays 0.
+    ``u`` is clamped from below at ``floor`` so that ``-inf`` logits give finite products: in the forward
+    at the most negative float (``exp(u) * u`` stays 0 and a label's own ``u`` is exact down to there), in
+    the backward at ``_BWD_FLOOR = -1e30``: far below any finite logit gap, so no ``log p`` or ``log q``
+    of a finite logit changes, yet ``log p * g`` stays finite for upstream gradients ``|g| < 3e8`` (at
+    the most negative float it would overflow to -inf and ``p * (inf - inf)`` would give NaN).
     """
     u = torch.sub(x_c, m_c.unsqueeze(-1), out=out[: x_c.shape[0]])  # bf16 - fp32 promotes to fp32
     if temperature != 1.0:
         u.div_(temperature)
-    return u.clamp_(min=torch.finfo(torch.float32).min)
+    return u.clamp_(min=floor)
 
 
 def _buffers(count: int, rows: int, v_local: int, like: torch.Tensor) -> list[torch.Tensor]:
@@ -220,8 +227,8 @@ class _TokenStatsFn(torch.autograd.Function):
         stage = _buffers(1, rows, v_local, x)[0] if x.dtype != torch.float32 else None
         for s, e in _chunks(n, rows):
             sl = slice(s, e)
-            logp = _shifted(x[sl], m[sl], temperature, buf_p).sub_(log_s[sl, None])
-            logq = _shifted(xr[sl], mr[sl], temperature, buf_q).sub_(log_sr[sl, None]) if need_q else None
+            logp = _shifted(x[sl], m[sl], temperature, buf_p, _BWD_FLOOR).sub_(log_s[sl, None])
+            logq = _shifted(xr[sl], mr[sl], temperature, buf_q, _BWD_FLOOR).sub_(log_sr[sl, None]) if need_q else None
             if need_x:
                 # dz = p * ((g_kl - g_ent) * log p - g_kl * log q + c),  c = -g_lp - g_ent*H - g_kl*KL; plus g_lp at y
                 c = -g_lp[sl] - g_ent[sl] * ent_[sl] - g_kl[sl] * kl_[sl]

@@ -99,3 +99,29 @@ def test_cpu_block_cap_equals_unchunked(monkeypatch):
     for k in (*OUTPUTS, "grad_x", "grad_xr"):
         diff = (whole[k] - blocked[k]).abs() / blocked[k].abs().clamp_min(1.0)
         assert float(diff.max()) <= 1e-7, (k, float(diff.max()))
+
+
+def test_minus_inf_columns_equal_removed_columns():
+    """Masking vocab entries to -inf (e.g. never-sampled placeholder tokens) equals deleting those columns."""
+    g = torch.Generator().manual_seed(3)
+    x, xr = torch.randn(6, 40, generator=g) * 2, torch.randn(6, 40, generator=g) * 2
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[[0, 7, 8, 39]] = False
+    labels = torch.tensor([1, 5, 20, 38, IGNORE_INDEX, 9])
+    w = torch.randn(5, 6, generator=g)
+
+    def run(a, b, lab):
+        a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        st = token_stats(a, lab, None, ref_logits=b, temperature=0.8, entropy=True, ref_entropy=True, kl=True,
+                         ref_requires_grad=True)
+        outs = [getattr(st, k) for k in OUTPUTS]
+        sum((wi * o).sum() for wi, o in zip(w, outs)).backward()
+        return outs, a.grad, b.grad
+
+    masked = run(x.masked_fill(~keep, float("-inf")), xr.masked_fill(~keep, float("-inf")), labels)
+    remap = torch.cumsum(keep.long(), 0) - 1
+    removed = run(x[:, keep], xr[:, keep], torch.where(labels >= 0, remap[labels.clamp(min=0)], labels))
+    for a, b in zip(masked[0], removed[0]):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    for ga, gb in zip(masked[1:], removed[1:]):
+        assert torch.all(ga[:, ~keep] == 0) and torch.allclose(ga[:, keep], gb, rtol=1e-6, atol=1e-7)
