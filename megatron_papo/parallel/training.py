@@ -32,6 +32,38 @@ class OptimSettings:
     fp16: bool = False
 
 
+def tag_tensor_parallel_params(module: torch.nn.Module) -> int:
+    """Mark TP-sharded weights of mcore's parallel layers with ``tensor_model_parallel``/``partition_dim``.
+
+    mcore sets these attributes only inside its weight initialisers, so a model built with
+    ``perform_initialization=False`` (weights loaded afterwards) has none; then the global grad norm
+    counts sharded weights on TP rank 0 only and clipping differs from TP=1. Returns how many were tagged.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    n = 0
+    for mod in module.modules():
+        if isinstance(mod, (ColumnParallelLinear, VocabParallelEmbedding)):
+            params = [(getattr(mod, "weight", None), 0), (getattr(mod, "bias", None), 0)]
+        elif isinstance(mod, RowParallelLinear):
+            params = [(getattr(mod, "weight", None), 1)]
+        else:
+            continue
+        for p, dim in params:
+            if isinstance(p, torch.nn.Parameter) and not getattr(p, "tensor_model_parallel", False):
+                for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+                set_tensor_model_parallel_attributes(p, True, dim, 1)
+                n += 1
+    return n
+
+
 def wrap_ddp(model_chunks: list[torch.nn.Module], groups: ParallelGroups, *, use_distributed_optimizer: bool = False,
              grad_reduce_in_fp32: bool = True, bucket_size: Optional[int] = None) -> list[torch.nn.Module]:
     """Wrap each model chunk in mcore's DistributedDataParallel (gradient buffers + DP reduction)."""
