@@ -41,7 +41,9 @@ gradients). Unchunked on GPU that is at most one fp32 local shard per view (1.5 
 with chunks or on CPU it is ``rows / N`` of that. Inputs are never modified in place; bf16/fp16 inputs
 are upcast block by block and accumulated in fp32. All outputs are fp32.
 
-This eager torch code is the reference and the CPU path; there is no fused GPU path yet.
+This eager torch code is the reference and the CPU path. ``vocab_parallel_fused.py`` holds an optional
+``torch.compile`` version of the block kernels for CUDA, off unless ``MEGATRON_PAPO_VP_FUSED=1``; CI
+checks it only on CPU, never on a GPU.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+
+from megatron_papo.ops import vocab_parallel_fused as _fused
 
 IGNORE_INDEX = -100
 
@@ -162,8 +166,13 @@ class _TokenStatsFn(torch.autograd.Function):
         # Local partial sums, block by block, into one payload; then one SUM all-reduce.
         part = torch.zeros(n, _NCOL, dtype=torch.float32, device=x.device)
         rows = _block_rows(n, v_local, chunk_size, x.device)
-        buf_a, buf_b = _buffers(2, rows, v_local, x)
-        for s, e in _chunks(n, rows):  # two buffers; each step below says what it overwrites
+        fused = _fused.enabled(x)
+        buf_a, buf_b = (None, None) if fused else _buffers(2, rows, v_local, x)
+        for s, e in _chunks(n, rows) if fused else ():
+            part[s:e] = _fused.compiled("fwd")(
+                x[s:e], xr[s:e] if has_ref else None, m[s:e], mr[s:e] if has_ref else None, on_shard[s:e], idx[s:e],
+                temperature, want_ent or want_kl, want_kl, want_ref_ent)
+        for s, e in _chunks(n, rows) if not fused else ():  # two buffers; each step below says what it overwrites
             u = _shifted(x[s:e], m[s:e], temperature, buf_a)
             part[s:e, _UY] = torch.where(on_shard[s:e], u.gather(-1, idx[s:e, None]).squeeze(-1), 0.0)
             eu = torch.exp(u, out=buf_b[: e - s])
@@ -212,17 +221,32 @@ class _TokenStatsFn(torch.autograd.Function):
         g_ent = g_ent.float() * valid if want_ent else torch.zeros_like(g_lp)
         g_kl = g_kl.float() * valid if want_kl else torch.zeros_like(g_lp)
         has_ref = xr is not None
-        if has_ref:
-            g_rlp = g_rlp.float() * valid
-            g_rent = g_rent.float() * valid if want_ref_ent else torch.zeros_like(g_lp)
+        g_rlp = g_rlp.float() * valid if has_ref else torch.zeros_like(g_lp)
+        g_rent = g_rent.float() * valid if want_ref_ent else torch.zeros_like(g_lp)
         ent_ = ent if want_ent else torch.zeros_like(g_lp)
         kl_ = kl if want_kl else torch.zeros_like(g_lp)
         rent_ = ref_ent if want_ref_ent else torch.zeros_like(g_lp)
         need_q = has_ref and (want_kl or need_xr)
+        # dz  = p * ((g_kl - g_ent) * log p - g_kl * log q + c) + g_lp * onehot,   c  = -g_lp - g_ent*H - g_kl*KL
+        # dz' = q * (-g_rent * log q + c') - g_kl * p + g_rlp * onehot,             c' = -g_rlp - g_rent*H' + g_kl
+        c = -g_lp - g_ent * ent_ - g_kl * kl_
+        cr = -g_rlp - g_rent * rent_ + g_kl
 
         gx = torch.empty_like(x) if need_x else None
         gxr = torch.empty_like(xr) if need_xr else None
         rows = _block_rows(n, v_local, chunk_size, x.device)
+        if _fused.enabled(x):
+            coef = torch.stack([g_kl - g_ent, -g_kl, c, g_lp, -g_rent, cr, -g_kl, g_rlp], -1)
+            for s, e in _chunks(n, rows):
+                gb, gbr = _fused.compiled("bwd")(
+                    x[s:e], xr[s:e] if need_q else None, m[s:e], mr[s:e] if need_q else None, log_s[s:e],
+                    log_sr[s:e] if need_q else None, on_shard[s:e], idx[s:e], coef[s:e], temperature, need_x, need_xr,
+                    want_kl)
+                if need_x:
+                    gx[s:e].copy_(gb)
+                if need_xr:
+                    gxr[s:e].copy_(gbr)
+            return gx, gxr, None, None, None, None, None, None, None, None
         buf_p, buf_q = _buffers(2 if need_q else 1, rows, v_local, x) + ([] if need_q else [None])
         stage = _buffers(1, rows, v_local, x)[0] if x.dtype != torch.float32 else None
         for s, e in _chunks(n, rows):
@@ -230,12 +254,10 @@ class _TokenStatsFn(torch.autograd.Function):
             logp = _shifted(x[sl], m[sl], temperature, buf_p, _BWD_FLOOR).sub_(log_s[sl, None])
             logq = _shifted(xr[sl], mr[sl], temperature, buf_q, _BWD_FLOOR).sub_(log_sr[sl, None]) if need_q else None
             if need_x:
-                # dz = p * ((g_kl - g_ent) * log p - g_kl * log q + c),  c = -g_lp - g_ent*H - g_kl*KL; plus g_lp at y
-                c = -g_lp[sl] - g_ent[sl] * ent_[sl] - g_kl[sl] * kl_[sl]
                 buf = torch.mul(logp, (g_kl[sl] - g_ent[sl]).unsqueeze(-1), out=_out_buf(gx, sl, stage))
                 if want_kl:
                     buf.addcmul_(logq, -g_kl[sl].unsqueeze(-1))
-                buf.add_(c.unsqueeze(-1))
+                buf.add_(c[sl].unsqueeze(-1))
                 logp.exp_()  # now p
                 buf.mul_(logp)
                 _add_onehot(buf, on_shard[sl], idx[sl], g_lp[sl])
@@ -243,10 +265,8 @@ class _TokenStatsFn(torch.autograd.Function):
             else:
                 logp.exp_()
             if need_xr:
-                # dz' = q * (-g_rent * log q + c'),  c' = -g_rlp - g_rent*H' + g_kl;  minus g_kl * p;  plus g_rlp at y
-                cr = -g_rlp[sl] - g_rent[sl] * rent_[sl] + g_kl[sl]
                 buf = torch.mul(logq, (-g_rent[sl]).unsqueeze(-1), out=_out_buf(gxr, sl, stage))
-                buf.add_(cr.unsqueeze(-1))
+                buf.add_(cr[sl].unsqueeze(-1))
                 buf.mul_(logq.exp_())
                 buf.addcmul_(logp, -g_kl[sl].unsqueeze(-1))
                 _add_onehot(buf, on_shard[sl], idx[sl], g_rlp[sl])
