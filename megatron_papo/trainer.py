@@ -178,8 +178,10 @@ class Trainer:
                              keep_fn=lambda g: a.dynamic_sampling_low < g.mean_accuracy < a.dynamic_sampling_high,
                              on_limit=a.dynamic_sampling_on_limit)
             groups, extra = res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
-        if self.engine is not None and cfg.rollout.mode == "colocated":
-            self.engine.release_memory()  # colocated: the engine gives its memory back while the actor trains
+        if self.engine is not None and cfg.rollout.mode == "colocated" and self.groups.device.type == "cuda":
+            # colocated on GPUs: the engine gives its memory back while the actor trains (on CPU there is nothing
+            # to release, and SGLang 0.5.23's release path calls torch.cuda.synchronize and dies there)
+            self.engine.release_memory()
             self._engine_released = True
         return groups, extra
 
