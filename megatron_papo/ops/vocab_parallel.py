@@ -26,7 +26,9 @@ one MAX of the stacked raw maxima ``[N, n_views]`` and one SUM of the stacked lo
 ``[N, 9]`` (a fixed payload; unrequested columns stay 0). The columns each output needs: ``logprob``
 3 (``S`` without the max entries, how many entries hold the global max, ``u_y``), ``entropy`` +1
 (``sum e*u``), ``ref_logprob`` +3 (the same for ``z'``), ``ref_entropy`` +1, ``kl`` +1 (``sum e*u'``;
-it also needs ``sum e*u``). So per token at most 9 + 2 floats cross ranks, in two collectives.
+it also needs ``sum e*u``). So per token at most 9 + 2 floats cross ranks, in two collectives. In
+all-reduce counts: ``logprob`` alone costs 2 (MAX + SUM; mcore's vocab-parallel CE uses 3), and
+``entropy``, ``ref_logprob``, ``ref_entropy`` and ``kl`` add 0 each (they ride in the same two).
 Counting the max entries exactly (they contribute exactly 1 each) gives ``log S = log1p(rest)`` and
 keeps near one-hot log-probs and entropies accurate to fp32 relative precision.
 Ignored tokens (label ``-100``) are computed like the others but their outputs and gradients are 0.
