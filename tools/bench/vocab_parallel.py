@@ -21,7 +21,9 @@ the storage is freed; allocations inside a kernel (workspaces) are not seen. Rep
 the backward peak minus the input gradients (which every method must return), and the larger of the two
 divided by the bytes of one local logits shard per view. Times are the minimum (and the median) over
 ``--repeats`` runs after a warm-up, of the slowest rank, without the tracker; ratios use the minimum,
-which is the least disturbed by other load on a shared machine.
+which is the least disturbed by other load on a shared machine. As a cross-check of the tracker, the
+first method of a run also reports the growth of the process's RSS high-water mark during its memory
+run (input gradients included; run with ``--methods X`` to check method X).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import time
 import weakref
@@ -224,9 +227,13 @@ def main() -> None:
     shard = x.numel() * x.element_size()
 
     rows = {}
-    for name in args.methods.split(","):
+    for i, name in enumerate(args.methods.split(",")):
         views = 1 if name == "c" else 2
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         mem = _memory(name, x, xr, labels, group, chunk)
+        if i == 0:  # the RSS high-water mark cannot be reset: only the first method's delta means anything
+            rss_delta = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024
+            mem["rss_high_water_delta_incl_grads"] = rss_delta
         extra = max(mem["fwd_peak"], mem["bwd_peak_minus_grads"])
         t_fb = _timed(partial(_run_once, name, x, xr, labels, group, chunk, True), args.repeats, group)
         t_f = _timed(partial(_run_once, name, x, xr, labels, group, chunk, False), args.repeats, group)
