@@ -104,9 +104,7 @@ def test_transformer_engine_missing_is_one_clear_line():
 
 
 def test_local_specs_build():
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron_papo.models.qwen2_5_vl.specs import SDPACoreAttention, VisionCoreAttention
 
-    from megatron_papo.models.qwen2_5_vl.specs import VisionCoreAttention
-
-    assert lm_layer_spec("local").submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert lm_layer_spec("local").submodules.self_attention.submodules.core_attention is SDPACoreAttention
     assert vision_layer_spec("local").submodules.self_attention.submodules.core_attention is VisionCoreAttention

@@ -11,6 +11,7 @@ from megatron_papo.models.qwen2_5_vl import build_plan, load_arch, shards_to_hf,
 from megatron_papo.models.qwen2_5_vl.hf_adapter import (
     Kind,
     SafetensorsReader,
+    bucketize,
     check_checkpoint,
     checkpoint_shapes,
     hf_to_shard,
@@ -136,3 +137,12 @@ def test_transformers_state_dict_names_are_accepted(tiny_model_dir):
     reader = SafetensorsReader(tiny_model_dir)
     shapes = {to_transformers_name(n): reader.shape(n) for n in reader.where}
     check_checkpoint(load_arch(tiny_model_dir), {to_checkpoint_name(n): s for n, s in shapes.items()})
+
+
+def test_bucketize_keeps_order_and_respects_the_limit(tiny_model_dir):
+    plan = [s for s in build_plan(load_arch(tiny_model_dir)) if s.export]
+    buckets = bucketize(plan, max_bytes=200_000, bytes_per_element=4)
+    assert [s for b in buckets for s in b] == plan and len(buckets) > 1
+    for b in buckets:
+        sizes = [4 * sum(torch.Size(x).numel() for x in s.hf_shapes) for s in b]
+        assert len(b) == 1 or sum(sizes) <= 200_000

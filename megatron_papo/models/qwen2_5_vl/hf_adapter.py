@@ -348,6 +348,20 @@ def export_plan(model_chunks: Any) -> list[ParamSpec]:
     return [s for s in build_plan(chunk.arch, pp) if s.export]
 
 
+def bucketize(plan: list[ParamSpec], max_bytes: int, bytes_per_element: int = 2) -> list[list[ParamSpec]]:
+    """Split an export plan into consecutive buckets of at most ``max_bytes`` of full HF tensors (>= 1 spec each)."""
+    buckets: list[list[ParamSpec]] = []
+    size = 0
+    for spec in plan:
+        n = bytes_per_element * sum(int(torch.Size(s).numel()) for s in spec.hf_shapes)
+        if not buckets or (size + n > max_bytes and buckets[-1]):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(spec)
+        size += n
+    return buckets
+
+
 @torch.no_grad()
 def export_to_hf(model_chunks: Any, pg: Any = None, *, names: str = "checkpoint",
                  plan: Optional[list[ParamSpec]] = None,

@@ -7,8 +7,9 @@
   * ``transformer_engine`` — TE layers (GPU only; TE is imported lazily and a missing TE fails with
     one line). **CI does not run this path** (no GPU / no TE on the CPU machines).
 
-The vision tower attends within packed segments (windows or whole images); its core attention is
-``VisionCoreAttention`` (SDPA over a block-diagonal mask) in both specs.
+Core attention of the local spec is ``SDPACoreAttention`` (torch SDPA: causal + padding mask for the
+language model); the vision tower attends within packed segments (windows or whole images) with
+``VisionCoreAttention`` (SDPA per ``cu_seqlens`` segment, as transformers does) in both specs.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ class MegatronRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
-class VisionCoreAttention(torch.nn.Module):
-    """Non-causal core attention restricted to packed segments (the vision tower's windows / images).
+class SDPACoreAttention(torch.nn.Module):
+    """Core attention on ``torch.nn.functional.scaled_dot_product_attention`` with mcore's interface.
 
-    Interface of mcore's core attention: ``forward(query, key, value, attention_mask, ...)`` with
-    ``query/key/value`` of shape ``[s, b, heads, head_dim]``; ``attention_mask`` is a boolean
-    ``[b or 1, 1, s, s]`` tensor, **True where attention is forbidden** (mcore's convention).
-    Returns ``[s, b, heads * head_dim]``.
+    ``forward(query, key, value, attention_mask, ...)`` with ``query`` ``[s, b, heads, d]`` and ``key/value``
+    ``[s, b, groups, d]`` (GQA handled by SDPA); returns ``[s, b, heads * d]``. ``attention_mask``:
+
+    * ``None``: causal (language model) or full (vision) attention, per ``causal``;
+    * a boolean ``[b or 1, 1, s, s]`` tensor, **True where attention is forbidden** (mcore's convention);
+    * a 1-D integer tensor of cumulative segment lengths (``cu_seqlens``, vision tower): attention stays
+      within each packed segment (window or image), computed segment by segment like transformers does.
     """
+
+    causal = True
 
     def __init__(self, config: Any, layer_number: int = 1, softmax_scale: Optional[float] = None, **_: Any) -> None:
         super().__init__()
@@ -51,12 +57,28 @@ class VisionCoreAttention(torch.nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Any = None, attention_bias: Any = None,
                 packed_seq_params: Any = None) -> torch.Tensor:
-        """SDPA over ``[b, heads, s, d]`` with the segment mask."""
+        """SDPA over ``[b, heads, s, d]``."""
         s, b, h, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        allowed = None if attention_mask is None else ~attention_mask
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        gqa = k.shape[1] != h
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if attention_mask is not None and attention_mask.dim() == 1:
+            bounds = attention_mask.tolist()
+            parts = [sdpa(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], dropout_p=dropout, scale=self.softmax_scale,
+                          enable_gqa=gqa) for a, e in zip(bounds[:-1], bounds[1:])]
+            out = torch.cat(parts, dim=2)
+        elif attention_mask is not None:
+            out = sdpa(q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa)
+        else:
+            out = sdpa(q, k, v, is_causal=self.causal, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+class VisionCoreAttention(SDPACoreAttention):
+    """The vision tower's core attention: non-causal, within ``cu_seqlens`` segments (windows or whole images)."""
+
+    causal = False
 
 
 def require_transformer_engine() -> None:
@@ -106,9 +128,8 @@ def lm_layer_spec(transformer_impl: str = "local"):
     if transformer_impl != "local":
         raise ModelConfigError(f"model.transformer_impl={transformer_impl!r}: expected local or transformer_engine")
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    return _layer_spec(AttnMaskType.causal, DotProductAttention, ColumnParallelLinear, RowParallelLinear, MegatronRMSNorm)
+    return _layer_spec(AttnMaskType.causal, SDPACoreAttention, ColumnParallelLinear, RowParallelLinear, MegatronRMSNorm)
 
 
 def vision_layer_spec(transformer_impl: str = "local"):

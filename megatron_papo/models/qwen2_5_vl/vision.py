@@ -59,12 +59,6 @@ def vision_rotary_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def segment_mask(cu_seqlens: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``[1, 1, n, n]`` mask, True where query and key lie in different segments (mcore convention)."""
-    seg = torch.bucketize(torch.arange(n), cu_seqlens[1:].cpu(), right=True).to(device)
-    return (seg[:, None] != seg[None, :]).view(1, 1, n, n)
-
-
 class PatchMerger(torch.nn.Module):
     """RMSNorm → concat ``merge**2`` neighbouring patches → column-parallel fc1 → GELU → row-parallel fc2."""
 
@@ -135,7 +129,8 @@ class Qwen25VisionModel(torch.nn.Module):
         rot = self._rotary(grid_thw, x.device)
         rot = rot.reshape(n // unit, unit, -1)[window_index].reshape(n, 1, 1, -1)
         cu_full = F.pad(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).cumsum(0), (1, 0))
-        masks = {"window": segment_mask(cu_window, n, x.device), "full": segment_mask(cu_full, n, x.device)}
+        # the core attention takes 1-D cu_seqlens as its "attention_mask": attention within each segment
+        masks = {"window": cu_window, "full": cu_full.long()}
         x = x.unsqueeze(1)  # [s, 1, h]
         recompute = self.config.recompute_granularity == "full" and self.training
         for i, layer in enumerate(self.layers):
