@@ -14,6 +14,12 @@ hashes, test only odd ones (rejection sampling), so no image can appear in both 
 Data-config defaults for it (``config/data.py``): the auto pixel range for ``synthetic`` is
 56*56..112*112, so images up to 112 px are not resized; with the tiny processor a 56-px image is 4x4
 ViT patches = 4 image tokens. Use ``format_prompt=short_answer`` and ``reward=synthetic``.
+
+Measured (2026-11, plain-PyTorch GRPO through this data pipeline; tiny model, 512-token vocab, 16 prompts
+x 8 samples, Adam, 1 new token, greedy held-out accuracy on 256 test rows, majority 0.25): lr 3e-4 ->
+0.50 at step 300 (seed 0), 0.46 at step 200 and 0.50 at step 400 (seed 1); lr 1e-3 collapsed to one colour (0.25) with
+1 or 2 new tokens. A linear probe on the random-init model's last hidden state reads the colour at 0.99,
+so the image carries the signal; the failure mode is entropy collapse, not the data.
 """
 
 from __future__ import annotations
