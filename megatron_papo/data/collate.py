@@ -15,6 +15,9 @@ Layout (B rows = prompts x n samples, S = longest prompt+response, rounded up to
                              matching that row's image tokens); image_grid_thw [sum_b n_img_b, 3] likewise
     pixel_values_aug same shape as pixel_values (masked view), if given
     prompt_lens, response_lens, uids  [B]
+    group_index      [B]     0, 0, ..., 1, 1, ...: a new group starts wherever the row's PromptSample object
+                             changes (rows of a group must be adjacent). Group by this, not by ``uids``: the
+                             same prompt can be drawn twice in one step (DAPO refills across an epoch end).
 
 Rows of one group are adjacent when built with :func:`repeat_interleave` (PAPO's ``repeat(n, interleave=True)``).
 """
@@ -48,6 +51,7 @@ class RolloutBatch:
     prompt_lens: torch.Tensor
     response_lens: torch.Tensor
     uids: torch.Tensor
+    group_index: torch.Tensor
 
 
 def repeat_interleave(items: Sequence[T], n: int) -> list[T]:
@@ -108,4 +112,14 @@ def collate_rollouts(samples: Sequence[PromptSample], responses: Sequence[Union[
         label_mask=label_mask, mm_token_type_ids=mm, pixel_values=pixel_values, image_grid_thw=grid,
         pixel_values_aug=aug, prompt_lens=torch.tensor([s.prompt_ids.numel() for s in samples]),
         response_lens=torch.tensor([r.numel() for r in resp]), uids=torch.tensor([s.uid for s in samples]),
+        group_index=torch.tensor(_group_index(samples)),
     )
+
+
+def _group_index(samples: Sequence[PromptSample]) -> list[int]:
+    out, g = [], -1
+    for b, s in enumerate(samples):
+        if b == 0 or s is not samples[b - 1]:
+            g += 1
+        out.append(g)
+    return out

@@ -41,10 +41,17 @@ def test_layout_by_hand():
     assert bt.image_grid_thw.tolist() == [[1, 2, 2], [1, 2, 2], [1, 2, 4], [1, 2, 4]]
     assert bt.pixel_values_aug[:, 0].tolist() == [-1.0] * 8 + [-2.0] * 16
     assert bt.prompt_lens.tolist() == [3, 3, 5, 5] and bt.response_lens.tolist() == [2, 1, 0, 3]
-    assert bt.uids.tolist() == [3, 3, 8, 8]
+    assert bt.uids.tolist() == [3, 3, 8, 8] and bt.group_index.tolist() == [0, 0, 1, 1]
     # labels at label_mask positions are exactly the response tokens
     for r in range(4):
         assert bt.labels[r][bt.label_mask[r].bool()].tolist() == bt.input_ids[r][bt.response_mask[r].bool()].tolist()
+
+
+def test_group_index_separates_repeated_draws_of_one_prompt():
+    a = _sample(3, [1], 2, 0.0)
+    again = _sample(3, [1], 2, 0.0)  # the same prompt drawn twice in one step: two groups, one uid
+    bt = collate_rollouts(repeat_interleave([a, again], 2), [[1]] * 4, 0)
+    assert bt.uids.tolist() == [3, 3, 3, 3] and bt.group_index.tolist() == [0, 0, 1, 1]
 
 
 def test_errors():

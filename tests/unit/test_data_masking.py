@@ -139,3 +139,33 @@ def test_pixel_squares_view_extremes(processor):
     full = make_masked_view(sample, cfg, 0, 0, processor)
     black = masking.normalized_black_row(processor.image_processor)
     assert torch.equal(full, black.expand_as(full))
+
+
+def test_both_views_run_through_the_hf_model_with_identical_positions(processor, tiny_model_dir):
+    """The collated batch is valid model input; the masked view changes only the vision input."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    cfg = DataConfig(format_prompt="short_answer", mask_type="patches", mask_prob=0.5)
+    samples = [encode_prompt(processor, _row(u, [_noise(56, 56, u)]), cfg, source="synthetic") for u in (1, 2)]
+    rows = repeat_interleave(samples, 2)
+    views = [make_masked_view(s, cfg, seed=0, step=3, processor=processor) for s in rows]
+    bt = collate_rollouts(rows, [[5, 6, 7], [5], [8, 9], [4, 4]], pad_token_id=processor.tokenizer.pad_token_id,
+                          aug_pixel_values=views)
+    common = dict(input_ids=bt.input_ids, attention_mask=bt.attention_mask, mm_token_type_ids=bt.mm_token_type_ids,
+                  image_grid_thw=bt.image_grid_thw)
+    pos = model.model.get_rope_index(bt.input_ids, mm_token_type_ids=bt.mm_token_type_ids,
+                                     image_grid_thw=bt.image_grid_thw, attention_mask=bt.attention_mask)[0]
+    with torch.no_grad():
+        ori = model(pixel_values=bt.pixel_values, **common).logits
+        aug = model(pixel_values=bt.pixel_values_aug, **common).logits
+        # the unpadded single-row forward of row 0 agrees with the padded batch (right padding is harmless)
+        n0 = int(bt.attention_mask[0].sum())
+        single = model(input_ids=bt.input_ids[:1, :n0], attention_mask=bt.attention_mask[:1, :n0],
+                       mm_token_type_ids=bt.mm_token_type_ids[:1, :n0], image_grid_thw=bt.image_grid_thw[:1],
+                       pixel_values=bt.pixel_values[:16]).logits
+    assert pos.shape[0] == 3  # M-RoPE (t, h, w) ids depend on ids/grid/mask only, shared by both views
+    assert ori.shape == aug.shape
+    m = bt.label_mask.bool()
+    assert not torch.allclose(ori[m], aug[m])
+    assert torch.allclose(single[0], ori[0, :n0], atol=1e-5)
