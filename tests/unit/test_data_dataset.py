@@ -160,3 +160,21 @@ def test_loader_batches_have_stable_uids(processor):
     loader2 = PromptLoader(ds, 4, seed=1)
     loader2.load_state_dict(state)
     assert [s.uid for s in loader2.next_batch()] == [s.uid for s in second]
+
+
+def test_plain_parquet_with_bytes_path_structs(tmp_path, processor):
+    """A parquet written without HF metadata (images as list<struct<bytes, path>>), like PAPO's fallback loader sees."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": "<image>Q1", "images": [{"bytes": _png((200, 0, 0)), "path": "a.png"}], "answer": "red"},
+            {"problem": "Look: <image> and <image>", "images": [{"bytes": _png((0, 0, 200)), "path": None},
+                                                               {"bytes": _png((0, 200, 0), (28, 28)), "path": None}],
+             "answer": "blue"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "plain.parquet")
+    ds = load_prompt_dataset(str(tmp_path / "plain.parquet"), DataConfig(format_prompt="none"), processor)
+    assert len(ds) == 2
+    s = ds.encode(1)
+    assert [im.getpixel((0, 0)) for im in s.raw_images] == [(0, 0, 200), (0, 200, 0)]
+    assert s.image_grid_thw.shape == (2, 3) and s.prompt.count("<|image_pad|>") == 2
+    assert s.prompt.index("Look: ") < s.prompt.index("<|vision_start|>")
