@@ -4,6 +4,8 @@ A row is a mapping with the canonical keys ``uid``, ``problem``, ``images``, ``a
 layer renames configured columns to these). Images go: decode to RGB -> PAPO resize by the data
 pixel range -> processor (smart-resize to multiples of 28, normalise, patchify). The resized PIL
 images are what the rollout engine receives; the engine's processor must be the same one.
+Deliberate deviation: we convert to RGB *before* PAPO's resize (EasyR1 resizes, then converts), so
+palette/greyscale images are resized in RGB; identical for RGB inputs.
 
 Both views of a prompt share ``prompt_ids``, ``image_grid_thw`` and hence M-RoPE positions; only
 ``pixel_values`` differ (:func:`make_masked_view` checks this).
