@@ -116,3 +116,45 @@ def build_expect_error(hf_dir: str, tp: int) -> str:
     except Exception as e:  # noqa: BLE001 - the message is what the test checks
         return f"{type(e).__name__}: {e}"
     return ""
+
+
+def train_steps(hf_dir: str, tp: int, pp: int, steps: int = 2) -> dict[str, Any]:
+    """A few Adam steps of a token-mean log-prob loss under mcore DDP + optimizer + schedule; losses and grad norms."""
+    from megatron.core.distributed import finalize_model_grads
+    from transformers import AutoProcessor
+
+    from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore, make_forward_step, parity
+    from megatron_papo.parallel.training import (
+        OptimSettings,
+        build_optimizer,
+        forward_backward,
+        optimizer_step,
+        wrap_ddp,
+        zero_grads,
+    )
+
+    pg = _setup(tp, pp, False)
+    model = build_model(None, pg, hf_dir=hf_dir)
+    load_hf_into_mcore([model], hf_dir)
+    chunks = wrap_ddp([model], pg)
+    chunks[0].config.finalize_model_grads_func = finalize_model_grads
+    chunks[0].config.no_sync_func = chunks[0].no_sync
+    opt = build_optimizer(chunks, OptimSettings(lr=1e-3), pg)
+    batch = parity.make_batch(AutoProcessor.from_pretrained(hf_dir), parity.builtin_samples(), "left")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    mask = parity.token_mask(batch)
+    weights = mask.float() / mask.sum()
+
+    def loss_fn(b: dict[str, Any], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        loss = -(parity.vocab_parallel_logprobs(logits, b["input_ids"], pg.tp_group) * weights).sum()
+        return loss, {"loss": loss.detach().clone()}
+
+    losses, norms = [], []
+    B, S = inputs["input_ids"].shape
+    for _ in range(steps):
+        zero_grads(chunks, opt)
+        out = forward_backward(chunks, make_forward_step(loss_fn), iter([inputs]), 1, pg, seq_length=S,
+                               micro_batch_size=B)
+        losses.append([float(o["loss"]) for o in out])
+        norms.append(optimizer_step(opt)[1])
+    return {"losses": losses, "grad_norms": norms, "last_stage": pg.is_last_stage}
