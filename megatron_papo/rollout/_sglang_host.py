@@ -62,8 +62,15 @@ HANDLERS: dict[str, Callable[..., Any]] = {
 }
 
 
+_TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                  "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
+
+
 def host_main(conn: Any, engine_kwargs: dict[str, Any], env: dict[str, str]) -> None:
     """Entry point of the host process (multiprocessing ``spawn`` target)."""
+    for key in list(os.environ):  # the trainer's torchrun variables must not leak into SGLang's own groups
+        if key in _TORCHRUN_VARS or key.startswith("TORCHELASTIC_"):
+            del os.environ[key]
     os.environ.update(env)
     from megatron_papo.rollout import cpu_shim
 
