@@ -224,8 +224,14 @@ def _layer_offset(chunk: Any) -> int:
     return (layers[0].layer_number - 1) if len(layers) else 0
 
 
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear (layer_norm_weight);
+# the plan uses the local spec's names.
+_TE_ALIASES = (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+               ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"))
+
+
 def global_param_names(chunk: Any) -> dict[str, torch.nn.Parameter]:
-    """A model chunk's parameters keyed by their *global* mcore names (PP layer offset applied)."""
+    """A model chunk's parameters keyed by their *global* mcore names (PP layer offset applied, local-spec names)."""
     chunk = _unwrap(chunk)
     off = _layer_offset(chunk)
     out = {}
@@ -234,6 +240,9 @@ def global_param_names(chunk: Any) -> dict[str, torch.nn.Parameter]:
         if name.startswith(key):
             idx, rest = name[len(key):].split(".", 1)
             name = f"{key}{int(idx) + off}.{rest}"
+        for te, local in _TE_ALIASES:
+            if name.endswith(te):
+                name = name[: -len(te)] + local
         out[name] = p
     return out
 

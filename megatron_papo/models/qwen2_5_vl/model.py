@@ -5,7 +5,8 @@ returns **vocab-parallel** logits ``[B, S, V/tp]`` on the last pipeline stage (n
 the vocabulary) and the hidden states ``[S, B, H]`` to send on other stages. On the first stage the
 image features are scattered into the ``<|image_pad|>`` positions (row-major over the batch, like
 transformers). Padded batches: ``attention_mask`` ``[B, S]`` (1 = token, 0 = pad, anywhere in the
-row) becomes a causal+padding mask; M-RoPE positions skip the padding. With sequence parallelism the
+row) becomes a causal+padding mask; M-RoPE positions skip the padding (with Transformer Engine
+layers, GPU only: right padding only, plain causal attention). With sequence parallelism the
 sequence is right-padded to a multiple of TP inside the forward and the logits are cut back.
 """
 
@@ -84,7 +85,7 @@ class Qwen25VLModel(torch.nn.Module):
                               attention_mask=attention_mask)[0]
 
     def _embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-               image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+               image_grid_thw: Optional[torch.Tensor], image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         image_mask = input_ids == self.arch.image_token_id
         if pixel_values is None or image_grid_thw is None or image_grid_thw.numel() == 0:
@@ -92,6 +93,10 @@ class Qwen25VLModel(torch.nn.Module):
                 raise ValueError(f"{int(image_mask.sum())} <|image_pad|> tokens but no pixel_values/image_grid_thw")
             return emb
         feats = self.vision(pixel_values, image_grid_thw).to(emb.dtype)
+        if image_index is not None:  # features of each distinct image once, then one copy per image slot
+            merge = self.arch.vision.spatial_merge_size ** 2
+            per_image = list(torch.split(feats, (image_grid_thw.prod(-1) // merge).tolist()))
+            feats = torch.cat([per_image[i] for i in image_index.tolist()])
         if feats.shape[0] != int(image_mask.sum()):
             raise ValueError(f"image features and image tokens do not match: {feats.shape[0]} features, "
                              f"{int(image_mask.sum())} <|image_pad|> tokens")
@@ -100,7 +105,7 @@ class Qwen25VLModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image_grid_thw: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, S, V/tp]`` (last stage) or hidden states ``[S(/tp), B, H]`` (other stages).
 
         Args:
@@ -109,12 +114,16 @@ class Qwen25VLModel(torch.nn.Module):
             position_ids: ``[3, B, S]`` M-RoPE positions; computed from the inputs when None.
             pixel_values: ``[n_patches, 3*2*14*14]`` (processor output), first stage only.
             image_grid_thw: ``[n_images, 3]``.
+            image_index: optional ``[n_image_slots]``: the image (row of ``image_grid_thw``, patches in
+                ``pixel_values``) each image slot of the batch shows, in slot order. Rows that repeat a prompt
+                (a GRPO group) then run the vision tower once per distinct image. None: one image per slot.
         """
         from megatron.core import tensor_parallel
 
         B, S = input_ids.shape
         if position_ids is None:
-            position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
+            slot_grid = image_grid_thw if image_index is None or image_grid_thw is None else image_grid_thw[image_index]
+            position_ids = self.position_ids(input_ids, attention_mask, slot_grid)
         tp = self.tp_group.size() if self.tp_group is not None else 1
         pad = (-S) % tp if self.config.sequence_parallel else 0
         if pad:
@@ -123,10 +132,16 @@ class Qwen25VLModel(torch.nn.Module):
             keep = attention_mask if attention_mask is not None else torch.ones(B, S, dtype=torch.long,
                                                                                 device=input_ids.device)
             attention_mask = torch.nn.functional.pad(keep, (0, pad), value=0)
-        mask = causal_padding_mask(attention_mask, S + pad)
+        if getattr(self.config, "transformer_impl", "local") == "transformer_engine":
+            mask = None  # TE's causal attention takes no padding mask: right padding only (exact for real tokens)
+            if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                raise ValueError("model.transformer_impl=transformer_engine supports right-padded batches only "
+                                 "(a padding token precedes a real token); pad on the right")
+        else:
+            mask = causal_padding_mask(attention_mask, S + pad)
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw)
+            decoder_input = self._embed(input_ids, pixel_values, image_grid_thw, image_index)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input, group=self.tp_group)
         out = self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
