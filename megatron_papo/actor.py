@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_papo.algos import LossInputs, LossSpec, papo_loss
 from megatron_papo.data.collate import RolloutBatch
-from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore
+from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore
 from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, token_stats
 from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, tag_tensor_parallel_params, wrap_ddp
@@ -38,11 +38,13 @@ class StatsRequest:
 
 def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *, extra: Optional[dict[str, torch.Tensor]] = None,
                        with_aug: bool = False, fixed_shape: bool = False) -> list[dict[str, Any]]:
-    """Split ``rows`` of a RolloutBatch into micro-batch dicts (pixel rows sliced per sample).
+    """Split ``rows`` of a RolloutBatch into micro-batch dicts.
 
-    Each micro-batch is trimmed to its longest row, unless ``fixed_shape`` (pipeline parallelism: every
-    micro-batch must have the shape the schedule's p2p buffers expect): then all keep the batch's full width
-    and ``len(rows)`` must be a multiple of ``micro_size``.
+    Rows of one group (same prompt) share their images: each micro-batch carries the pixels of every
+    distinct image once, and ``image_index`` maps each image slot (in row order) to one of them, so the
+    vision tower runs once per prompt, not once per sample. Each micro-batch is trimmed to its longest row,
+    unless ``fixed_shape`` (pipeline parallelism: every micro-batch must have the shape the schedule's p2p
+    buffers expect): then all keep the batch's full width and ``len(rows)`` must be a multiple of ``micro_size``.
     """
     if fixed_shape and len(rows) % micro_size:
         raise ValueError(f"pipeline parallelism needs equal micro-batches: {len(rows)} rows per rank are not a multiple of "
@@ -55,6 +57,7 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     patch_start = [0]
     for p in patches:
         patch_start.append(patch_start[-1] + p)
+    group = batch.group_index.tolist() if getattr(batch, "group_index", None) is not None else list(range(len(imgs_per_row)))
     out = []
     for i in range(0, len(rows), micro_size):
         sel = rows[i:i + micro_size]
@@ -62,15 +65,29 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
         width = batch.input_ids.shape[1] if fixed_shape else int(batch.attention_mask[idx].sum(-1).max().item())
         labels = batch.labels[idx, :width].clone()
         labels[batch.label_mask[idx, :width] == 0] = IGNORE_INDEX
-        img_ids = [k for r in sel for k in range(img_start[r], img_start[r + 1])]
-        pix = [batch.pixel_values[patch_start[k]:patch_start[k + 1]] for k in img_ids]
+        distinct: dict[tuple[int, int], int] = {}  # (group, k-th image of the row) -> position among distinct images
+        first_img: list[int] = []  # global image id of each distinct image
+        slot_index: list[int] = []
+        for r in sel:
+            for k in range(imgs_per_row[r]):
+                key = (group[r], k)
+                if key not in distinct:
+                    distinct[key] = len(first_img)
+                    first_img.append(img_start[r] + k)
+                slot_index.append(distinct[key])
+
+        def pix(source: torch.Tensor, images: list[int] = first_img) -> torch.Tensor:
+            return torch.cat([source[patch_start[j]:patch_start[j + 1]] for j in images])
+
         mb: dict[str, Any] = {
             "input_ids": batch.input_ids[idx, :width], "attention_mask": batch.attention_mask[idx, :width],
-            "labels": labels, "image_grid_thw": batch.image_grid_thw[img_ids] if img_ids else None,
-            "pixel_values": torch.cat(pix) if pix else None, "rows": sel,
+            "labels": labels, "rows": sel,
+            "image_grid_thw": batch.image_grid_thw[first_img] if first_img else None,
+            "pixel_values": pix(batch.pixel_values) if first_img else None,
+            "image_index": torch.tensor(slot_index, dtype=torch.long) if first_img else None,
         }
-        if with_aug and batch.pixel_values_aug is not None and img_ids:
-            mb["pixel_values_aug"] = torch.cat([batch.pixel_values_aug[patch_start[k]:patch_start[k + 1]] for k in img_ids])
+        if with_aug and batch.pixel_values_aug is not None and first_img:
+            mb["pixel_values_aug"] = pix(batch.pixel_values_aug)
         for key, val in (extra or {}).items():
             mb[key] = val[idx] if val.dim() == 1 else val[idx, :width]
         out.append(mb)
@@ -156,7 +173,7 @@ class PolicyModel:
             inputs = dict(mb)
             if req.view == "aug":
                 inputs["pixel_values"] = mb["pixel_values_aug"]
-            return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
+            return _forward(model, inputs), lambda logits: loss_fn(mb, logits)
 
         for c in self.chunks:
             c.eval()
@@ -203,7 +220,7 @@ class PolicyModel:
             inputs = dict(mb)
             if paired:
                 inputs = _pair_views(mb)
-            return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
+            return _forward(model, inputs), lambda logits: loss_fn(mb, logits)
 
         for c in self.chunks:
             c.train()
@@ -241,11 +258,22 @@ class PolicyModel:
 def _pair_views(mb: dict[str, Any]) -> dict[str, Any]:
     """Original and masked views of a micro-batch as one doubled batch (one forward for both)."""
     cat = lambda a: torch.cat([a, a]) if a is not None else None  # noqa: E731
+    has_img = mb.get("pixel_values") is not None
+    n_distinct = mb["image_grid_thw"].shape[0] if has_img else 0
     return {
         "input_ids": cat(mb["input_ids"]), "attention_mask": cat(mb["attention_mask"]),
         "image_grid_thw": cat(mb["image_grid_thw"]),
-        "pixel_values": torch.cat([mb["pixel_values"], mb["pixel_values_aug"]]) if mb.get("pixel_values") is not None else None,
+        "pixel_values": torch.cat([mb["pixel_values"], mb["pixel_values_aug"]]) if has_img else None,
+        "image_index": torch.cat([mb["image_index"], mb["image_index"] + n_distinct]) if has_img else None,
     }
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "image_index")
+
+
+def _forward(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Vocab-parallel logits (last stage) or hidden states of one micro-batch."""
+    return model(**{k: inputs.get(k) for k in MODEL_INPUTS})
 
 
 def _sum_metrics(results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
