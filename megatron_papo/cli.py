@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:  # argparse.REMAINDER rejects an option-like first token ("eval --model X")
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], fn=_delegate(_DELEGATED[argv[0]][0]))
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:
