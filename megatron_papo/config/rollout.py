@@ -13,7 +13,9 @@ class RolloutConfig:
     """Sampling and engine settings (PAPO defaults: n=5, temperature 1.0, top_p 0.99)."""
 
     engine: Literal["sglang", "vllm"] = field("sglang", help="rollout engine")
-    mode: Literal["colocated", "server"] = field("colocated", help="in-process engine, or a separate server process")
+    mode: Literal["colocated", "server"] = field(
+        "colocated", help="colocated: the engine runs in processes owned by global rank 0 (SGLang: a host process "
+        "holding sglang.Engine); server: a separate sglang.launch_server (not implemented yet)")
     n: int = field(5, help="responses sampled per prompt (group size)")
     temperature: float = field(1.0, help="sampling temperature; logits are divided by it in the trainer too")
     top_p: float = field(0.99, help="nucleus sampling")
@@ -22,5 +24,8 @@ class RolloutConfig:
     transport: Literal["tensor", "distributed", "disk"] = field(
         "tensor", help="weight transport: in-process tensors/IPC, broadcast group, or safetensors on disk")
     bucket_mb: int = field(512, help="weight-sync bucket size in MiB")
-    timeout_s: float = field(600.0, help="timeout of any single engine call")
+    timeout_s: float = field(600.0, help="timeout of any single engine call (generate, weight update, ...)")
+    start_timeout_s: float = field(900.0, help="timeout of the engine start (model load)")
     seed: int = field(1, help="engine sampling seed")
+    engine_tp: int = field(1, help="tensor-parallel size of the rollout engine (its own GPUs/processes)")
+    skip_frozen: bool = field(True, help="weight sync: push frozen (requires_grad=False) parameters only once")

@@ -98,10 +98,13 @@ class SGLangEngine:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def from_config(cls, cfg: Any, model_path: str, **kwargs: Any) -> SGLangEngine:
-        """Build from a :class:`~megatron_papo.config.rollout.RolloutConfig` section."""
+        """Build (not start) from a :class:`~megatron_papo.config.rollout.RolloutConfig` section."""
+        if getattr(cfg, "mode", "colocated") != "colocated":
+            raise ValueError(f"rollout.mode={cfg.mode!r} is not implemented for SGLang yet; use rollout.mode=colocated")
         extra = dict(getattr(cfg, "engine_kwargs", None) or {})
-        return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), timeout_s=cfg.timeout_s, seed=cfg.seed,
-                   transport=cfg.transport, bucket_mb=cfg.bucket_mb, engine_kwargs=extra, **kwargs)
+        return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), timeout_s=cfg.timeout_s,
+                   start_timeout_s=getattr(cfg, "start_timeout_s", 900.0), seed=cfg.seed, transport=cfg.transport,
+                   bucket_mb=cfg.bucket_mb, engine_kwargs=extra, **kwargs)
 
     def start(self) -> SGLangEngine:
         """Start the host process and the SGLang engine in it; raise EngineError if it cannot start."""

@@ -80,6 +80,11 @@ class VLLMEngine:
         self.llm: Any = None
 
     # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: str, **kwargs: Any) -> VLLMEngine:
+        """Build (not start) from a :class:`~megatron_papo.config.rollout.RolloutConfig` section."""
+        return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), seed=cfg.seed, bucket_mb=cfg.bucket_mb, **kwargs)
+
     def start(self) -> VLLMEngine:
         """Build the ``vllm.LLM`` (its worker processes belong to it and end with it)."""
         if self.llm is None:

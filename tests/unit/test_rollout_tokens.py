@@ -57,3 +57,15 @@ def test_request_and_sampling_coercion():
     assert sp.temperature == 0.5 and sp.top_p == 1.0
     with pytest.raises(ValueError, match="unknown sampling keys"):
         SamplingParams.coerce({"temprature": 1.0})
+
+
+def test_sglang_from_config_without_starting(tiny_model_dir):
+    from megatron_papo.config.rollout import RolloutConfig
+    from megatron_papo.rollout.sglang_engine import SGLangEngine
+
+    eng = SGLangEngine.from_config(RolloutConfig(transport="disk", bucket_mb=4, timeout_s=7.0), str(tiny_model_dir))
+    assert eng.engine_kwargs["dtype"] == "float32"  # the checkpoint's dtype, not SGLang's fp32->fp16 "auto"
+    assert eng.transport == "disk" and eng.bucket_bytes == 4 << 20 and eng.timeout_s == 7.0
+    assert eng.health()["ok"] is False and eng.pids() == []
+    with pytest.raises(ValueError, match="not implemented"):
+        SGLangEngine.from_config(RolloutConfig(mode="server"), str(tiny_model_dir))

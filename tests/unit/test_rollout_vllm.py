@@ -109,3 +109,10 @@ def test_worker_extension_prefers_reload_weights(tmp_path):
     ext = WeightSyncWorkerExtension()
     ext.model_runner = SimpleNamespace(reload_weights=lambda weights_iterator, is_checkpoint_format: got.update(weights_iterator))
     assert ext.load_safetensors_dir(str(tmp_path)) == 1 and set(got) == {"model.norm.weight"}
+
+
+def test_from_config(tiny_model_dir):
+    from megatron_papo.config.rollout import RolloutConfig
+
+    eng = VLLMEngine.from_config(RolloutConfig(engine="vllm", engine_tp=2, bucket_mb=8), str(tiny_model_dir), llm_factory=FakeLLM)
+    assert eng.engine_kwargs["tensor_parallel_size"] == 2 and eng.bucket_bytes == 8 << 20
