@@ -158,3 +158,37 @@ def train_steps(hf_dir: str, tp: int, pp: int, steps: int = 2) -> dict[str, Any]
         losses.append([float(o["loss"]) for o in out])
         norms.append(optimizer_step(opt)[1])
     return {"losses": losses, "grad_norms": norms, "last_stage": pg.is_last_stage}
+
+
+def packed_parity(hf_dir: str, tp: int) -> dict[str, Any]:
+    """Pack the built-in samples into 2 rows (samples 0+1, sample 2; padded) and compare with transformers per sample."""
+    from transformers import AutoProcessor
+
+    from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore, parity
+
+    pg = _setup(tp, 1, False)
+    model = build_model(None, pg, hf_dir=hf_dir)
+    load_hf_into_mcore([model], hf_dir)
+    batch = parity.make_batch(AutoProcessor.from_pretrained(hf_dir), parity.builtin_samples(), "right")
+    ref = parity.hf_token_logprobs(hf_dir, batch)  # [3, S-1]
+    lens = batch["attention_mask"].sum(1).tolist()
+    rows = [[0, 1], [2]]
+    width = max(sum(lens[i] for i in r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    seg = torch.zeros(len(rows), width, dtype=torch.long)
+    where = {}
+    for b, r in enumerate(rows):
+        off = 0
+        for k, i in enumerate(r):
+            ids[b, off:off + lens[i]] = batch["input_ids"][i, :lens[i]]
+            seg[b, off:off + lens[i]] = k + 1
+            where[i] = (b, off)
+            off += lens[i]
+    packed = {"input_ids": ids, "segment_ids": seg, "pixel_values": batch["pixel_values"],
+              "image_grid_thw": batch["image_grid_thw"]}
+    lp = parity.vocab_parallel_logprobs(forward_logits(model, packed), ids, pg.tp_group)
+    diff = 0.0
+    for i, n in enumerate(lens):
+        b, off = where[i]
+        diff = max(diff, float((lp[b, off:off + n - 1] - ref[i, :n - 1]).abs().max()))
+    return {"max_abs_logprob_diff": diff, "tokens": int(sum(n - 1 for n in lens))}

@@ -118,14 +118,17 @@ def tag_tensor_parallel_params(model: torch.nn.Module) -> int:
 
 def batch_to_model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The model's forward keyword arguments from a batch dict (extra keys ignored)."""
-    return {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")}
+    keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "image_index",
+            "segment_ids")
+    return {k: batch.get(k) for k in keys}
 
 
 def forward_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Vocab-parallel logits ``[B, S, V/tp]`` (last stage) or hidden states (other stages) of a batch.
 
     ``batch``: ``input_ids [B,S]``, ``attention_mask [B,S]`` (optional), ``position_ids [3,B,S]`` (optional,
-    computed like transformers when absent), ``pixel_values``, ``image_grid_thw`` (optional).
+    computed like transformers when absent), ``pixel_values``, ``image_grid_thw`` (optional), ``segment_ids``
+    (optional, packed rows: 0 = padding, k > 0 = k-th sample of the row).
     """
     return model(**batch_to_model_inputs(batch))
 

@@ -17,7 +17,16 @@ from typing import Any, Optional
 import torch
 
 from megatron_papo.models.qwen2_5_vl.config import QwenVLArch
-from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index
+from megatron_papo.models.qwen2_5_vl.rope_index import get_rope_index, get_rope_index_packed
+
+
+def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """mcore attention mask ``[B, 1, S, S]`` (True = masked) for packed rows: causal within each segment (> 0)."""
+    S = segment_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    allowed = causal[None] & same & (segment_ids[:, None, :] > 0)
+    return (~allowed).unsqueeze(1)
 
 
 def causal_padding_mask(attention_mask: Optional[torch.Tensor], seq_len: int) -> Optional[torch.Tensor]:
@@ -105,7 +114,8 @@ class Qwen25VLModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                image_grid_thw: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image_grid_thw: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, S, V/tp]`` (last stage) or hidden states ``[S(/tp), B, H]`` (other stages).
 
         Args:
@@ -117,12 +127,23 @@ class Qwen25VLModel(torch.nn.Module):
             image_index: optional ``[n_image_slots]``: the image (row of ``image_grid_thw``, patches in
                 ``pixel_values``) each image slot of the batch shows, in slot order. Rows that repeat a prompt
                 (a GRPO group) then run the vision tower once per distinct image. None: one image per slot.
+            segment_ids: ``[B, S]`` packed sequences (local layers): 0 = padding, k > 0 = k-th sample of the row;
+                attention is causal within a segment and M-RoPE positions restart per segment
+                (``attention_mask`` is then ignored).
         """
         from megatron.core import tensor_parallel
 
         B, S = input_ids.shape
+        slot_grid = image_grid_thw if image_index is None or image_grid_thw is None else image_grid_thw[image_index]
+        if segment_ids is not None:
+            if getattr(self.config, "transformer_impl", "local") != "local":
+                raise ValueError("packed sequences (segment_ids) need model.transformer_impl=local")
+            attention_mask = (segment_ids > 0).long()
+            if position_ids is None:
+                position_ids = get_rope_index_packed(input_ids, segment_ids, image_token_id=self.arch.image_token_id,
+                                                     spatial_merge_size=self.arch.vision.spatial_merge_size,
+                                                     image_grid_thw=slot_grid)
         if position_ids is None:
-            slot_grid = image_grid_thw if image_index is None or image_grid_thw is None else image_grid_thw[image_index]
             position_ids = self.position_ids(input_ids, attention_mask, slot_grid)
         tp = self.tp_group.size() if self.tp_group is not None else 1
         pad = (-S) % tp if self.config.sequence_parallel else 0
@@ -132,11 +153,15 @@ class Qwen25VLModel(torch.nn.Module):
             keep = attention_mask if attention_mask is not None else torch.ones(B, S, dtype=torch.long,
                                                                                 device=input_ids.device)
             attention_mask = torch.nn.functional.pad(keep, (0, pad), value=0)
+            if segment_ids is not None:
+                segment_ids = torch.nn.functional.pad(segment_ids, (0, pad), value=0)
         if getattr(self.config, "transformer_impl", "local") == "transformer_engine":
             mask = None  # TE's causal attention takes no padding mask: right padding only (exact for real tokens)
             if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
                 raise ValueError("model.transformer_impl=transformer_engine supports right-padded batches only "
                                  "(a padding token precedes a real token); pad on the right")
+        elif segment_ids is not None:
+            mask = segment_causal_mask(segment_ids)
         else:
             mask = causal_padding_mask(attention_mask, S + pad)
         decoder_input = None

@@ -91,3 +91,32 @@ def get_rope_index(
         position_ids[:, b, valid.to(input_ids.device)] = pos.to(input_ids.device)
         deltas.append((int(pos.max()) + 1 - int(ids.numel())) if pos.numel() else 0)
     return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+def get_rope_index_packed(input_ids: torch.Tensor, segment_ids: torch.Tensor, *, image_token_id: int,
+                          spatial_merge_size: int, image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """M-RoPE positions ``[3, B, S]`` for packed rows: each segment (``segment_ids`` > 0) restarts at 0.
+
+    ``segment_ids`` ``[B, S]``: 0 = padding, k > 0 = the k-th sample packed into that row (contiguous).
+    Image grids are consumed in token order over the batch, as the vision tower produces them.
+    """
+    B, S = input_ids.shape
+    position_ids = torch.zeros(3, B, S, dtype=torch.long, device=input_ids.device)
+    grids = image_grid_thw if image_grid_thw is not None else torch.empty(0, 3, dtype=torch.long)
+    used = 0
+    for b in range(B):
+        seg = segment_ids[b]
+        order = []
+        for k in seg.tolist():
+            if k > 0 and (not order or order[-1] != k):
+                order.append(k)
+        for k in order:
+            sel = seg == k
+            ids = input_ids[b][sel]
+            is_img = ids == image_token_id
+            n_img = int((is_img & ~torch.cat([is_img.new_zeros(1), is_img[:-1]])).sum())
+            pos, _ = get_rope_index(ids[None], image_token_id=image_token_id, video_token_id=-1,
+                                    spatial_merge_size=spatial_merge_size, image_grid_thw=grids[used:used + n_img])
+            used += n_img
+            position_ids[:, b, sel] = pos[:, 0]
+    return position_ids
