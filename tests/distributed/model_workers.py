@@ -192,3 +192,29 @@ def packed_parity(hf_dir: str, tp: int) -> dict[str, Any]:
         b, off = where[i]
         diff = max(diff, float((lp[b, off:off + n - 1] - ref[i, :n - 1]).abs().max()))
     return {"max_abs_logprob_diff": diff, "tokens": int(sum(n - 1 for n in lens))}
+
+
+def recompute_check(hf_dir: str, tp: int) -> dict[str, float]:
+    """Log-probs and gradients with ``model.recompute`` full / selective vs none (max abs differences)."""
+    from transformers import AutoProcessor
+
+    from megatron_papo.config.model import ModelConfig
+    from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore, parity
+
+    pg = _setup(tp, 1, False)
+    batch = parity.make_batch(AutoProcessor.from_pretrained(hf_dir), parity.builtin_samples(), "left")
+    mask = parity.token_mask(batch)
+    weights = mask.float() / mask.sum()
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        model = build_model(ModelConfig(recompute=mode), pg, hf_dir=hf_dir)
+        load_hf_into_mcore([model], hf_dir)
+        model.train()
+        lp = parity.vocab_parallel_logprobs(forward_logits(model, batch), batch["input_ids"], pg.tp_group)
+        (-(lp * weights).sum()).backward()
+        runs[mode] = (lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    out = {}
+    for mode in ("full", "selective"):
+        out[f"{mode}_logp"] = float((runs[mode][0] - runs["none"][0]).abs().max())
+        out[f"{mode}_grad"] = max(float((runs[mode][1][n] - g).abs().max()) for n, g in runs["none"][1].items())
+    return out
