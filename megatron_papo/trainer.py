@@ -204,7 +204,7 @@ class Trainer:
         batch = collate_rollouts(rows_samples, responses, self.pad_id, aug_pixel_values=aug, pad_to_multiple_of=pad_to)
         batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in rows_samples]
         scores = torch.tensor([s for gr in groups for s in gr.scores], dtype=torch.float32)
-        adv = compute_advantages(cfg.algo.adv_estimator, scores, batch.uids)
+        adv = compute_advantages(cfg.algo.adv_estimator, scores, batch.group_index)  # not uids: a DAPO refill may repeat a prompt
         B = scores.numel()
         if B % g.dp_size:
             raise RuntimeError(f"{B} rows do not split over data-parallel size {g.dp_size}")
