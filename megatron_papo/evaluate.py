@@ -87,9 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reward_fn = get_reward_fn(args.reward)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
     results: dict[str, dict[str, float]] = {}
+    # load (and validate) every benchmark before the engine starts: a bad path or schema fails in seconds
+    datasets = {spec: load_prompt_dataset(spec, cfg.data, processor, args.split) for spec in args.data}
     with make_engine(cfg.rollout, args.model) as engine:
-        for spec in args.data:
-            ds = load_prompt_dataset(spec, cfg.data, processor, args.split)
+        for spec, ds in datasets.items():
             results[spec] = evaluate_dataset(engine, ds, reward_fn, n=args.n, sampling=sampling, seed=cfg.seed)
     table = [f"| benchmark | avg@{args.n} accuracy | format | majority baseline | questions |", "|---|---|---|---|---|"]
     for k, v in results.items():

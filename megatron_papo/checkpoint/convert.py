@@ -316,10 +316,11 @@ def verify_mcore_vs_hf(model: Any, hf_dir: Path, pg: Any) -> Optional[float]:
 
     model.eval()
     batch = sample_batch(hf_dir)
+    on_device = {k: v.to(pg.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.no_grad():
-        mc = mcore_token_logprobs([model], batch, pg)
+        mc = mcore_token_logprobs([model], on_device, pg)
     if mc is None or pg.tp_rank != 0:
         return None
     ref = hf_token_logprobs(hf_dir, batch)
     mask = token_mask(batch)
-    return float((mc.float() - ref.float()).abs()[mask].max())
+    return float((mc.float().cpu() - ref.float()).abs()[mask].max())

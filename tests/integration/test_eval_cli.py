@@ -1,0 +1,78 @@
+"""``megatron-papo eval``: avg@k on the synthetic test split through the real SGLang engine (one engine start),
+checked against an independent recount of the grading from the engine's own per-sample answers; bad paths and
+schemas exit 2 with one line, before any engine starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.harness import REPO
+
+EVAL = [sys.executable, "-m", "megatron_papo.cli", "eval"]
+SMALL = ["--n", "2", "--max-new-tokens", "3", "--reward", "synthetic", "--format-prompt", "short_answer",
+         "data.synthetic_test_size=16"]
+
+
+def _run(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([*EVAL, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_eval_prints_table_and_json(tiny_model_dir, tmp_path):
+    out = tmp_path / "results.json"
+    proc = _run(["--model", str(tiny_model_dir), "--data", "synthetic", "--out", str(out), *SMALL])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "| benchmark | avg@2 accuracy | format | majority baseline | questions |"
+    assert lines[1] == "|---|---|---|---|---|"
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    printed = json.loads(lines[3])
+    saved = json.loads(out.read_text())
+    assert printed == saved and list(saved) == ["synthetic"]
+    r = saved["synthetic"]
+    assert r["questions"] == 16 and r["n"] == 2
+    assert 0.0 <= r["accuracy"] <= r["format"] <= 1.0  # a correct answer is always in format
+    # the majority baseline of the synthetic test split, recounted from the dataset itself
+    from transformers import AutoProcessor
+
+    from megatron_papo.config import load_config
+    from megatron_papo.data.dataset import load_prompt_dataset
+    from megatron_papo.evaluate import majority_baseline
+
+    cfg = load_config(None, ["data.format_prompt=short_answer", "data.reward=synthetic", "data.synthetic_test_size=16"])
+    ds = load_prompt_dataset("synthetic", cfg.data, AutoProcessor.from_pretrained(str(tiny_model_dir)), "test")
+    answers = [ds.encode(i).answer for i in range(len(ds))]
+    assert r["majority_baseline"] == pytest.approx(majority_baseline(answers))
+    assert 0.25 <= r["majority_baseline"] < 0.5  # 4 balanced classes over 16 rows
+    assert row == ["synthetic", f"{100 * r['accuracy']:.2f}", f"{100 * r['format']:.2f}",
+                   f"{100 * r['majority_baseline']:.2f}", "16"]
+
+
+def _one_line(proc: subprocess.CompletedProcess, needle: str) -> None:
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert err and err[-1].startswith("megatron-papo: config error:") and needle in err[-1], proc.stderr[-3000:]
+
+
+def test_eval_bad_model_path(tmp_path):
+    _one_line(_run(["--model", str(tmp_path / "nope"), "--data", "synthetic", *SMALL], timeout=300), "no config.json")
+
+
+def test_eval_bad_data_path_and_schema(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bench.jsonl"
+    bad.write_text(json.dumps({"question": "What colour?", "answer": "red"}) + "\n")
+    missing = tmp_path / "missing.jsonl"
+    proc = _run(["--model", str(tiny_model_dir), "--data", str(missing), *SMALL], timeout=300)
+    _one_line(proc, "does not exist")
+    proc = _run(["--model", str(tiny_model_dir), "--data", "synthetic", str(bad), *SMALL], timeout=300)
+    _one_line(proc, "no column 'problem'")
+
