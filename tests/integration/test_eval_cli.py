@@ -56,23 +56,35 @@ def test_eval_prints_table_and_json(tiny_model_dir, tmp_path):
                    f"{100 * r['majority_baseline']:.2f}", "16"]
 
 
-def _one_line(proc: subprocess.CompletedProcess, needle: str) -> None:
-    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert err and err[-1].startswith("megatron-papo: config error:") and needle in err[-1], proc.stderr[-3000:]
+def _one_line(rc: int, stderr: str, needle: str) -> None:
+    err = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert rc == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert err and err[-1].startswith("megatron-papo: config error:") and needle in err[-1], stderr[-3000:]
 
 
-def test_eval_bad_model_path(tmp_path):
-    _one_line(_run(["--model", str(tmp_path / "nope"), "--data", "synthetic", *SMALL], timeout=300), "no config.json")
+def _main(args: list[str], capsys) -> tuple[int, str]:
+    """``megatron-papo eval`` in this process (these errors come before any engine or process group starts)."""
+    from megatron_papo.cli import main
+
+    rc = main(["eval", *args])
+    return rc, capsys.readouterr().err
 
 
-def test_eval_bad_data_path_and_schema(tiny_model_dir, tmp_path):
+def test_eval_bad_model_path(tmp_path, capsys):
+    _one_line(*_main(["--model", str(tmp_path / "nope"), "--data", "synthetic", *SMALL], capsys), "no config.json")
+
+
+def test_eval_bad_data_path_and_schema(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bench.jsonl"
     bad.write_text(json.dumps({"question": "What colour?", "answer": "red"}) + "\n")
-    missing = tmp_path / "missing.jsonl"
-    proc = _run(["--model", str(tiny_model_dir), "--data", str(missing), *SMALL], timeout=300)
-    _one_line(proc, "does not exist")
-    proc = _run(["--model", str(tiny_model_dir), "--data", "synthetic", str(bad), *SMALL], timeout=300)
-    _one_line(proc, "no column 'problem'")
+    _one_line(*_main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl"), *SMALL], capsys),
+              "does not exist")
+    _one_line(*_main(["--model", str(tiny_model_dir), "--data", "synthetic", str(bad), *SMALL], capsys),
+              "no column 'problem'")
 
+
+def test_eval_subcommand_takes_options_first():
+    """``megatron-papo eval --model X`` reaches evaluate.py (argparse.REMAINDER used to reject a leading option)."""
+    proc = _run(["--help"], timeout=300)
+    assert proc.returncode == 0 and "--model" in proc.stdout and "avg@k" in proc.stdout
