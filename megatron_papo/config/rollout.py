@@ -15,7 +15,7 @@ class RolloutConfig:
     engine: Literal["sglang", "vllm"] = field("sglang", help="rollout engine")
     mode: Literal["colocated", "server"] = field(
         "colocated", help="colocated: the engine runs in processes owned by global rank 0 (SGLang: a host process "
-        "holding sglang.Engine); server: a separate sglang.launch_server (not implemented yet)")
+        "holding sglang.Engine); server: an sglang.launch_server process driven over HTTP (SGLang only)")
     n: int = field(5, help="responses sampled per prompt (group size)")
     temperature: float = field(1.0, help="sampling temperature; logits are divided by it in the trainer too")
     top_p: float = field(0.99, help="nucleus sampling")

@@ -19,6 +19,7 @@ divides its logits by the same temperature and masks the same :func:`banned_toke
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import time
@@ -56,6 +57,9 @@ CPU_ENGINE_KWARGS: dict[str, Any] = {
 
 class SGLangEngine:
     """The SGLang engine behind the :class:`~megatron_papo.rollout.base.RolloutEngine` protocol."""
+
+    #: the host process entry point (``_sglang_host.host_main``); tests substitute a fake host here
+    host_target: Optional[Any] = None
 
     def __init__(self, model_path: str, *, device: str = "auto", tp_size: int = 1, timeout_s: float = 600.0,
                  start_timeout_s: float = 900.0, seed: int = 1, transport: str = "tensor", bucket_mb: int = 512,
@@ -98,9 +102,15 @@ class SGLangEngine:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def from_config(cls, cfg: Any, model_path: str, **kwargs: Any) -> SGLangEngine:
-        """Build (not start) from a :class:`~megatron_papo.config.rollout.RolloutConfig` section."""
-        if getattr(cfg, "mode", "colocated") != "colocated":
-            raise ValueError(f"rollout.mode={cfg.mode!r} is not implemented for SGLang yet; use rollout.mode=colocated")
+        """Build (not start) from a :class:`~megatron_papo.config.rollout.RolloutConfig` section
+        (``mode=server`` gives a :class:`~megatron_papo.rollout.sglang_server.SGLangServerEngine`)."""
+        mode = getattr(cfg, "mode", "colocated")
+        if mode not in ("colocated", "server"):
+            raise ValueError(f"rollout.mode={mode!r}; expected colocated or server")
+        if mode == "server":
+            from megatron_papo.rollout.sglang_server import SGLangServerEngine
+
+            cls = SGLangServerEngine
         extra = dict(getattr(cfg, "engine_kwargs", None) or {})
         return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), timeout_s=cfg.timeout_s,
                    start_timeout_s=getattr(cfg, "start_timeout_s", 900.0), seed=cfg.seed, transport=cfg.transport,
@@ -117,9 +127,11 @@ class SGLangEngine:
         parent, child = ctx.Pipe(duplex=True)
         from megatron_papo.rollout._sglang_host import host_main
 
-        self._proc = ctx.Process(target=host_main, args=(child, self.engine_kwargs, env), name="sglang-host", daemon=False)
+        self._proc = ctx.Process(target=self.host_target or host_main, args=(child, self.engine_kwargs, env),
+                                 name="sglang-host", daemon=False)
         t0 = time.perf_counter()
         self._proc.start()
+        atexit.register(self.shutdown)  # the host is not a daemon (it has children): never leave it to block exit
         child.close()
         self._conn = parent
         self._tracked = track_tree(self._proc.pid)
@@ -133,6 +145,7 @@ class SGLangEngine:
         """Stop the engine and end every process it started (idempotent)."""
         if self._proc is None:
             return
+        atexit.unregister(self.shutdown)
         try:
             if self._proc.is_alive() and self._conn is not None:
                 self._conn.send(("shutdown", {}))
@@ -302,10 +315,13 @@ class SGLangEngine:
 
     @staticmethod
     def _check(res: Any, what: str, allow_none: bool = False) -> Any:
-        """SGLang answers (success, message[, ...]) or an object with .success; raise on failure."""
+        """SGLang answers (success, message[, ...]), an object with .success or (HTTP) a dict; raise on failure."""
         if res is None and allow_none:
             return res
-        ok = res[0] if isinstance(res, (tuple, list)) else getattr(res, "success", res)
+        if isinstance(res, dict):
+            ok = res.get("success", True)
+        else:
+            ok = res[0] if isinstance(res, (tuple, list)) else getattr(res, "success", res)
         if ok is False:
             raise EngineError(f"SGLang {what} failed: {res}")
         return res

@@ -52,8 +52,12 @@ def bucketize(items: Iterable[Union[Pair, list[Pair]]], bucket_bytes: int) -> It
             yield bucket
 
 
-def flatten_bucket(bucket: list[Pair], device: Union[str, torch.device, None] = None) -> tuple[torch.Tensor, BucketMeta]:
-    """One contiguous uint8 buffer holding every tensor of the bucket back to back (one copy)."""
+def flatten_bucket(bucket: list[Pair], device: Union[str, torch.device, None] = None,
+                   shared: bool = False) -> tuple[torch.Tensor, BucketMeta]:
+    """One contiguous uint8 buffer holding every tensor of the bucket back to back (one copy).
+
+    ``shared`` (CPU): allocate the buffer in shared memory, so handing it to another process copies nothing.
+    """
     meta: BucketMeta = []
     offset = 0
     for name, t in bucket:
@@ -63,7 +67,10 @@ def flatten_bucket(bucket: list[Pair], device: Union[str, torch.device, None] = 
         meta.append((name, list(t.shape), str(t.dtype).removeprefix("torch."), offset, offset + n))
         offset += n
     dev = torch.device(device) if device is not None else bucket[0][1].device
-    flat = torch.empty(offset, dtype=torch.uint8, device=dev)
+    if shared and dev.type == "cpu":
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(offset))
+    else:
+        flat = torch.empty(offset, dtype=torch.uint8, device=dev)
     for (_, t), (_, _, _, s, e) in zip(bucket, meta):
         flat[s:e].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
     return flat, meta
@@ -115,7 +122,7 @@ def _push_tensor(engine: Any, bucket: list[Pair]) -> None:
         res = engine._call("update_serialized", payloads=[payload] * engine.engine_kwargs.get("tp_size", 1),
                            load_format="flattened_bucket", flush_cache=False)
     else:
-        flat, meta = flatten_bucket(bucket, "cpu")
+        flat, meta = flatten_bucket(bucket, "cpu", shared=True)
         res = engine._call("update_flat", flat=flat, meta=meta, flush_cache=False)
     engine._check(res, "update_weights_from_tensor")
 

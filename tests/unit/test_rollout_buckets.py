@@ -42,3 +42,11 @@ def test_flatten_round_trip_is_exact():
     assert flat.dtype == torch.uint8 and flat.numel() == sum(t.numel() * 4 for _, t in bucket)
     for (n, t), (m, u) in zip(bucket, unflatten_bucket(flat, meta)):
         assert n == m and u.dtype == t.dtype and torch.equal(u, t)
+
+
+def test_flatten_into_shared_memory():
+    bucket = [(n, t) for n, t in _pairs() if t.dtype == torch.bfloat16]
+    flat, meta = flatten_bucket(bucket, "cpu", shared=True)
+    assert flat.is_shared()
+    for (n, t), (m, u) in zip(bucket, unflatten_bucket(flat, meta)):
+        assert n == m and torch.equal(u, t)

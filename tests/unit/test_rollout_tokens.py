@@ -67,5 +67,10 @@ def test_sglang_from_config_without_starting(tiny_model_dir):
     assert eng.engine_kwargs["dtype"] == "float32"  # the checkpoint's dtype, not SGLang's fp32->fp16 "auto"
     assert eng.transport == "disk" and eng.bucket_bytes == 4 << 20 and eng.timeout_s == 7.0
     assert eng.health()["ok"] is False and eng.pids() == []
-    with pytest.raises(ValueError, match="not implemented"):
-        SGLangEngine.from_config(RolloutConfig(mode="server"), str(tiny_model_dir))
+    from megatron_papo.rollout.sglang_server import SGLangServerEngine, server_argv
+
+    srv = SGLangEngine.from_config(RolloutConfig(mode="server"), str(tiny_model_dir))
+    assert isinstance(srv, SGLangServerEngine) and srv.url.startswith("http://127.0.0.1:")
+    argv = server_argv({"model_path": "m", "disable_cuda_graph": True, "tp_size": 2, "x": False}, "h", 1)
+    assert argv[1:] == ["-m", "sglang.launch_server", "--host", "h", "--port", "1", "--model-path", "m",
+                        "--disable-cuda-graph", "--tp-size", "2"]

@@ -35,7 +35,7 @@ class PackSink:
         from megatron_papo.rollout.weight_transport import flatten_bucket
 
         for bucket in buckets:
-            flatten_bucket(bucket)
+            flatten_bucket(bucket, shared=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,229 @@
+"""SGLang in server mode (``rollout.mode=server``): ``python -m sglang.launch_server`` driven over HTTP.
+
+Same protocol and behaviour as :class:`SGLangEngine` (it subclasses it): the server process group is
+started and ended by this object (no orphans), every call has a timeout, a dead server raises
+:class:`EngineDiedError`. Only the host transport differs: each host method maps to one SGLang HTTP
+endpoint. Differences forced by JSON: banned ids get a logit bias of ``-1e30`` instead of ``-inf``
+(the same zero probability after the softmax); images travel as base64 PNG data URLs. The ``tensor``
+weight transport passes shared-memory handles, so it needs the server on the same machine; use
+``distributed`` (NCCL/gloo) or ``disk`` for a remote server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Optional
+
+from megatron_papo.rollout.base import EngineError, EngineTimeoutError
+from megatron_papo.rollout.procs import track_tree
+from megatron_papo.rollout.sglang_engine import SGLangEngine
+
+BAN_BIAS = -1e30
+
+ROUTES: dict[str, str] = {
+    "update_disk": "/update_weights_from_disk", "init_group": "/init_weights_update_group",
+    "destroy_group": "/destroy_weights_update_group", "update_distributed": "/update_weights_from_distributed",
+    "update_serialized": "/update_weights_from_tensor", "begin_update": "/begin_weight_update",
+    "end_update": "/end_weight_update", "flush_cache": "/flush_cache", "release": "/release_memory_occupation",
+    "resume": "/resume_memory_occupation", "generate": "/generate",
+}
+
+
+def _data_url(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_argv(kwargs: dict[str, Any], host: str, port: int) -> list[str]:
+    """``python -m sglang.launch_server`` arguments from ``sglang.Engine`` keyword arguments."""
+    argv = [sys.executable, "-m", "sglang.launch_server", "--host", host, "--port", str(port)]
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False and value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+class SGLangServerEngine(SGLangEngine):
+    """:class:`SGLangEngine` over an SGLang HTTP server that this object launches and owns."""
+
+    def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(model_path, **kwargs)
+        self.host, self.port = host, port or _free_port()
+        self.url = f"http://{host}:{self.port}"
+        self._pending: Optional[tuple[threading.Thread, dict[str, Any]]] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> SGLangServerEngine:
+        """Launch the server, wait until ``/health_generate`` answers (``start_timeout_s``)."""
+        if self._proc is not None:
+            return self
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                  "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+        env["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
+        if self.device == "cpu":
+            from megatron_papo.rollout.cpu_shim import SHIM_DIR
+
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join([SHIM_DIR, env.get("PYTHONPATH", "")])
+        self._proc = subprocess.Popen(server_argv(self.engine_kwargs, self.host, self.port), env=env,
+                                      stdout=subprocess.DEVNULL, stderr=None, start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            self._tracked = track_tree(self._proc.pid)
+            if self._proc.poll() is not None:
+                self._died("start", None)
+            try:
+                if self._http("GET", "/health_generate", None, 30)[0] == 200:
+                    break
+            except (urllib.error.URLError, OSError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                self._kill()
+                raise EngineTimeoutError(f"SGLang server did not become healthy within {self.start_timeout_s:.0f}s")
+            time.sleep(1.0)
+        self._tracked = track_tree(self._proc.pid)
+        return self
+
+    def _kill(self) -> None:
+        tracked, self._tracked = self._tracked, []
+        self._conn = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        from megatron_papo.rollout.procs import end_processes
+
+        end_processes(tracked)
+        if self._proc is not None:
+            self._proc.wait(10)
+            self._proc = None
+
+    def shutdown(self) -> None:
+        """Stop the server and every process it started (idempotent)."""
+        if self._proc is not None:
+            self._kill()
+
+    # ------------------------------------------------------------------ host calls over HTTP
+    def _http(self, verb: str, path: str, body: Optional[dict], timeout: float) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=verb, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            try:
+                return r.status, json.loads(raw) if raw else None
+            except json.JSONDecodeError:
+                return r.status, raw.decode(errors="replace")
+
+    def _body(self, method: str, kwargs: dict[str, Any]) -> tuple[str, str, Optional[dict]]:
+        if method == "ping":
+            return "GET", "/health", None
+        if method == "update_flat":
+            return "POST", ROUTES["update_serialized"], self._flat_payload(**kwargs)
+        if method not in ROUTES:
+            raise EngineError(f"server mode has no route for {method}")
+        body = dict(kwargs)
+        if method == "generate":
+            body["sampling_params"] = [{**sp, "logit_bias": {k: BAN_BIAS for k in sp.get("logit_bias", {})}}
+                                       if "logit_bias" in sp else sp for sp in body["sampling_params"]]
+            if body.get("image_data") is not None:
+                body["image_data"] = [[_data_url(im) for im in ims] if ims else None for ims in body["image_data"]]
+        if method == "update_serialized":
+            body = {"serialized_named_tensors": body["payloads"], "load_format": body["load_format"],
+                    "flush_cache": body["flush_cache"]}
+        return "POST", ROUTES[method], body
+
+    def _flat_payload(self, flat: Any, meta: list, flush_cache: bool) -> dict:
+        """SGLang's flattened_bucket payload (shared-memory handles: same machine only)."""
+        from multiprocessing.reduction import ForkingPickler
+
+        import torch
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+        metadata = [FlattenedTensorMetadata(name=n, shape=torch.Size(shape), dtype=getattr(torch, dt), start_idx=s,
+                                            end_idx=e, numel=e - s) for n, shape, dt, s, e in meta]
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": metadata})
+        payload = base64.b64encode(buf.getvalue()).decode()
+        self._keepalive = flat  # the server maps the shared memory while it loads
+        tp = int(self.engine_kwargs.get("tp_size", 1))
+        return {"serialized_named_tensors": [payload] * tp, "load_format": "flattened_bucket", "flush_cache": flush_cache}
+
+    def _send(self, method: str, **kwargs: Any) -> None:
+        if self._proc is None:
+            raise EngineError(f"SGLang server is not running (call start() first); cannot {method}")
+        verb, path, body = self._body(method, kwargs)
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = self._http(verb, path, body, self.timeout_s + 5)
+            except urllib.error.HTTPError as e:
+                box["error"] = f"HTTP {e.code}: {e.read().decode(errors='replace')[:4000]}"
+            except Exception as e:  # connection refused/reset: judged by the liveness check in _recv
+                box["exc"] = e
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        self._pending = (t, box)
+
+    def _recv(self, method: str, timeout: Optional[float] = None) -> Any:
+        timeout = self.timeout_s if timeout is None else timeout
+        if self._pending is None:
+            raise EngineError(f"no pending request for {method}")
+        t, box = self._pending
+        deadline = time.monotonic() + timeout
+        while t.is_alive():
+            t.join(0.2)
+            dead = [p.pid for p in self._tracked if not p.alive()]
+            if dead or self._proc is None or self._proc.poll() is not None:
+                self._died(method, None, dead)
+            if time.monotonic() > deadline:
+                self._kill()
+                raise EngineTimeoutError(f"SGLang server {method} did not finish within {timeout:.0f}s "
+                                         f"(rollout.timeout_s); the server was shut down")
+        self._pending = None
+        if "exc" in box:
+            self._died(method, box["exc"])
+        if "error" in box:
+            raise EngineError(f"SGLang server {method} failed: {box['error']}")
+        return box["result"][1]
+
+    def _died(self, method: str, err: Optional[BaseException], dead: Any = ()) -> None:
+        code = self._proc.poll() if self._proc is not None else None
+        self._kill()
+        from megatron_papo.rollout.base import EngineDiedError
+
+        raise EngineDiedError(f"SGLang server died during {method} (exit code {code}, dead pids {list(dead)}"
+                              f"{', ' + repr(err) if err else ''}); its processes were ended")
+
+    def health(self, timeout: float = 30.0) -> dict[str, Any]:
+        """``{"ok", "pids", "host_pid"}`` (host = the server's main process)."""
+        if self._proc is None:
+            return {"ok": False, "pids": [], "host_pid": None}
+        try:
+            self._call("ping", timeout)
+            return {"ok": True, "pids": self.pids(), "host_pid": self._proc.pid}
+        except EngineError as e:
+            return {"ok": False, "pids": self.pids(), "host_pid": None, "error": str(e)}
