@@ -7,6 +7,8 @@ that fails without it. ``apply_cpu_compat()`` is idempotent and never runs on a 
 | patch              | what breaks on CPU                                                        |
 |--------------------|---------------------------------------------------------------------------|
 | ``rng_tracker``    | tensor_parallel/random.py tracker ``add``/``fork`` use ``torch.cuda`` RNG  |
+| ``recompute_rng``  | activation recomputation (``CheckpointFunction``) saves/restores the CUDA  |
+|                    | RNG state via ``_get/_set_cuda_rng_state``: use the CPU generator's state  |
 | ``current_device`` | ``torch.cuda.current_device()`` in param_and_grad_buffer / p2p / optimizer |
 | ``synchronize``    | ``torch.cuda.synchronize()`` in pipeline p2p communication                 |
 | ``sp_torch_norm``  | torch norm asserts ``not sequence_parallel``; built with SP off, params  |
@@ -126,6 +128,13 @@ def _patch_rng_tracker() -> None:
     initialize_rng_tracker(force_reset=True)
 
 
+def _patch_recompute_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
 def _patch_current_device() -> None:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
 
@@ -163,6 +172,7 @@ def _patch_device_mode() -> None:
 
 PATCHES: dict[str, Callable[[], None]] = {
     "rng_tracker": _patch_rng_tracker,
+    "recompute_rng": _patch_recompute_rng,
     "current_device": _patch_current_device,
     "synchronize": _patch_synchronize,
     "sp_torch_norm": _patch_sp_torch_norm,

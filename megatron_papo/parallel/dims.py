@@ -42,8 +42,8 @@ class ParallelDims:
         """Raise ConfigError when the model cannot be split this way (names both numbers)."""
         if num_heads % self.tp:
             raise ConfigError(f"model: attention heads ({num_heads}) not divisible by parallel.tp ({self.tp})")
-        if num_kv_heads % self.tp:
-            raise ConfigError(f"model: KV heads ({num_kv_heads}) not divisible by parallel.tp ({self.tp})")
+        if num_kv_heads % self.tp and self.tp % num_kv_heads:
+            raise ConfigError(f"model: KV heads ({num_kv_heads}) and parallel.tp ({self.tp}) must divide one another")
         if vision_heads is not None and vision_heads % self.tp:
             raise ConfigError(f"model: vision heads ({vision_heads}) not divisible by parallel.tp ({self.tp})")
         if num_layers % self.pp:

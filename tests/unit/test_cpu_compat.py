@@ -64,7 +64,21 @@ print("OK")
 """
 
 
+RECOMPUTE = """
+from megatron_papo.parallel.cpu import apply_cpu_compat
+{apply}
+import torch
+from megatron.core.tensor_parallel import random as mrandom
+state = mrandom._get_cuda_rng_state()
+a = torch.rand(2)
+mrandom._set_cuda_rng_state(state)
+assert torch.equal(a, torch.rand(2))
+print("OK")
+"""
+
+
 @pytest.mark.parametrize("name, code, only, failure", [
+    ("recompute_rng", RECOMPUTE, ("recompute_rng",), ""),
     ("rng_tracker", RNG, ("rng_tracker",), ""),
     ("device_mode+current_device+synchronize", DEVICE, ("device_mode", "current_device", "synchronize"), ""),
     ("sp_torch_norm", SP_NORM, ("sp_torch_norm",), "sequence parallel not supported by torch"),
