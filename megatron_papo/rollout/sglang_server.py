@@ -66,6 +66,9 @@ def server_argv(kwargs: dict[str, Any], host: str, port: int) -> list[str]:
 class SGLangServerEngine(SGLangEngine):
     """:class:`SGLangEngine` over an SGLang HTTP server that this object launches and owns."""
 
+    #: flat CPU buckets are moved to shared memory *by file name* while pickling (see ``_flat_payload``)
+    shared_flat = False
+
     def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(model_path, **kwargs)
         self.host, self.port = host, port or _free_port()
@@ -155,16 +158,27 @@ class SGLangServerEngine(SGLangEngine):
         return "POST", ROUTES[method], body
 
     def _flat_payload(self, flat: Any, meta: list, flush_cache: bool) -> dict:
-        """SGLang's flattened_bucket payload (shared-memory handles: same machine only)."""
+        """SGLang's flattened_bucket payload (shared-memory handles: same machine only).
+
+        CPU tensors are shared by shm file name (torch's ``file_system`` strategy, set only while
+        pickling): the default fd passing needs multiprocessing's authkey, which an unrelated server
+        process does not have (it fails and takes the scheduler down).
+        """
         from multiprocessing.reduction import ForkingPickler
 
         import torch
+        import torch.multiprocessing as tmp
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
         metadata = [FlattenedTensorMetadata(name=n, shape=torch.Size(shape), dtype=getattr(torch, dt), start_idx=s,
                                             end_idx=e, numel=e - s) for n, shape, dt, s, e in meta]
         buf = io.BytesIO()
-        ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": metadata})
+        old = tmp.get_sharing_strategy()
+        tmp.set_sharing_strategy("file_system")
+        try:
+            ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": metadata})
+        finally:
+            tmp.set_sharing_strategy(old)
         payload = base64.b64encode(buf.getvalue()).decode()
         self._keepalive = flat  # the server maps the shared memory while it loads
         tp = int(self.engine_kwargs.get("tp_size", 1))

@@ -122,7 +122,7 @@ def _push_tensor(engine: Any, bucket: list[Pair]) -> None:
         res = engine._call("update_serialized", payloads=[payload] * engine.engine_kwargs.get("tp_size", 1),
                            load_format="flattened_bucket", flush_cache=False)
     else:
-        flat, meta = flatten_bucket(bucket, "cpu", shared=True)
+        flat, meta = flatten_bucket(bucket, "cpu", shared=getattr(engine, "shared_flat", True))
         res = engine._call("update_flat", flat=flat, meta=meta, flush_cache=False)
     engine._check(res, "update_weights_from_tensor")
 
