@@ -71,8 +71,9 @@ def check_hf_dir(path: str | os.PathLike, *, weights: bool, flag: str) -> Path:
 class DDPNamed(torch.nn.Module):
     """A model stage under mcore DDP's checkpoint naming (``module.`` prefix), without DDP's gradient buffers.
 
-    The trainer saves its DDP-wrapped actor, so its dist-checkpoints name tensors ``module.<name>``;
-    ``hf2mcore`` writes the same names so that the trainer can load what it writes.
+    ``checkpoint/dist.py`` saves the trainer's DDP-wrapped actor, and mcore's DDP has no ``sharded_state_dict``
+    of its own (MegatronModule's default adds ``module.``), so trainer checkpoints name tensors ``module.<name>``.
+    ``hf2mcore`` writes the canonical unwrapped names (as Megatron-LM does); ``mcore2hf`` reads both.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -286,7 +287,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, pg: Any, *, dtype: Optional[torch.dtype
     log.info("loading %s at tp=%d pp=%d (%s)", hf_dir, pg.tp_size, pg.pp_size, _DTYPE_NAMES.get(dtype, dtype))
     load_hf_into_mcore([model], hf_dir, pg)
     state = {"source": "hf2mcore", "hf_dir": str(hf_dir), "model_only": True, "tp": pg.tp_size, "pp": pg.pp_size}
-    save_checkpoint(out, 0, [DDPNamed(model)], optimizer=None, trainer_state=state)
+    save_checkpoint(out, 0, [model], optimizer=None, trainer_state=state)
     return model
 
 
