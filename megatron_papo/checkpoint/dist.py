@@ -44,10 +44,15 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     return path
 
 
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside mcore's DDP wrapper (checkpoints use the model's own names, without ``module.``)."""
+    return getattr(chunk, "module", chunk)
+
+
 def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
     if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -123,10 +128,10 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module]
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True)
     loaded = dist_checkpointing.load(sd, str(path))
     if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"])
+        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, m in enumerate(model_chunks):
-            m.load_state_dict(loaded[f"model{i}"])
+            _unwrap(m).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     rank = dist.get_rank() if dist.is_initialized() else 0

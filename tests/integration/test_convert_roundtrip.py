@@ -22,13 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 HERE = "tests.integration.test_convert_roundtrip"
 
 
-def _needs_sharded_state_dict() -> None:
-    from megatron_papo.models.qwen2_5_vl.model import Qwen25VLModel
-
-    if not hasattr(Qwen25VLModel, "sharded_state_dict"):
-        pytest.skip("Qwen25VLModel has no sharded_state_dict yet (models issue): dist-checkpoints cannot be written")
-
-
 # ---------------------------------------------------------------- workers (run under torchrun)
 def train_and_save_tp2pp2(hf_dir: str, run_dir: str, hf2mcore_out: str) -> dict[str, Any]:
     """One training step at TP=2 x PP=2, saved like the trainer saves; also ``hf_to_mcore`` at TP=2 x PP=2."""
@@ -94,7 +87,6 @@ def assert_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wha
 @pytest.fixture(scope="module")
 def converted(tiny_model_dir, tmp_path_factory) -> dict[str, Any]:
     """Train+save at TP2xPP2, export via the CLI (with --verify), then HF→mcore(TP1)→HF in one process."""
-    _needs_sharded_state_dict()
     tmp = tmp_path_factory.mktemp("convert")
     paths = {k: tmp / k for k in ("run", "hf_a", "ck_b", "hf_b", "ck_c", "hf_c")}
     res = run_distributed(f"{HERE}:train_and_save_tp2pp2", 4,
@@ -164,8 +156,7 @@ def test_sglang_serves_export(converted):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from megatron_papo.rollout.sglang_engine import SGLangEngine
-
-    ref = pytest.importorskip("tests.integration.sglang_reference", reason="the SGLang test reference helpers are not in this checkout")
+    from tests.integration import sglang_reference as ref
     QUESTIONS, encode, hf_greedy, make_image = ref.QUESTIONS, ref.encode, ref.hf_greedy, ref.make_image  # noqa: N806
 
     hf_a = converted["hf_a"]

@@ -70,6 +70,28 @@ class Qwen25VLModel(torch.nn.Module):
         )
         self.model_type = self.language_model.model_type
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        """mcore dist-checkpoint view of this stage: TP-sharded layers as shards, replicated tensors once per TP group.
+
+        The language model is an mcore ``GPTModel`` (its own layer offsets and tied-embedding handling); the
+        vision tower's transformer layers are mcore layers, and its plain torch modules (patch embedding, merger
+        norm and linears) are declared with the TP group so replicas are not written twice.
+        """
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = dict(self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata))
+        if self.vision is not None:
+            v = self.vision
+            out.update(sharded_state_dict_default(v.patch_embed, f"{prefix}vision.patch_embed.", (), metadata,
+                                                  tp_group=self.tp_group))
+            for i, layer in enumerate(v.layers):
+                out.update(layer.sharded_state_dict(prefix=f"{prefix}vision.layers.{i}.", metadata=metadata))
+            for name in ("ln_q", "linear_fc1", "linear_fc2"):
+                out.update(sharded_state_dict_default(getattr(v.merger, name), f"{prefix}vision.merger.{name}.", (), metadata,
+                                                      tp_group=self.tp_group))
+        return out
+
     # --- pipeline plumbing (mcore schedules call these) ---
     def set_input_tensor(self, input_tensor: Any) -> None:
         """Receive the previous stage's activations (mcore pipeline schedules)."""
