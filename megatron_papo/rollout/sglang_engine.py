@@ -94,7 +94,8 @@ class SGLangEngine:
         self.pad_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in PLACEHOLDER_TOKENS]
         self._proc: Optional[Any] = None
         self._conn: Optional[Any] = None
-        self._tracked: list[TrackedProcess] = []
+        self._tracked: list[TrackedProcess] = []  # every process ended at shutdown
+        self._vital: list[TrackedProcess] = []  # host + SGLang's own children: one dying = the engine died
         self._update_group: Optional[Any] = None
         self._group_seq = 0
         self._warned_seeds = False
@@ -137,6 +138,8 @@ class SGLangEngine:
         self._tracked = track_tree(self._proc.pid)
         info = self._recv("start", self.start_timeout_s)
         self._tracked = track_tree(self._proc.pid, tuple(info.get("children", ())))
+        vital = {self._proc.pid, *info.get("children", ())}
+        self._vital = [t for t in self._tracked if t.pid in vital]
         log.info("SGLang engine up in %.1fs (host pid %d, %d processes)", time.perf_counter() - t0, self._proc.pid,
                  len(self._tracked))
         return self
@@ -172,7 +175,7 @@ class SGLangEngine:
         return [t.pid for t in self._tracked if t.alive()]
 
     def _kill(self) -> None:
-        tracked, self._tracked = self._tracked, []
+        tracked, self._tracked, self._vital = self._tracked, [], []
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -211,7 +214,7 @@ class SGLangEngine:
                 if method == "start":
                     self._kill()
                 raise EngineError(f"SGLang {method} failed in the engine:\n{payload}")
-            dead = [t.pid for t in self._tracked if not t.alive()]
+            dead = [t.pid for t in self._vital if not t.alive()]
             if dead or not self._proc.is_alive():
                 self._died(method, None, dead)
             if time.monotonic() > deadline:

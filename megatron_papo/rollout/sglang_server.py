@@ -105,10 +105,11 @@ class SGLangServerEngine(SGLangEngine):
                 raise EngineTimeoutError(f"SGLang server did not become healthy within {self.start_timeout_s:.0f}s")
             time.sleep(1.0)
         self._tracked = track_tree(self._proc.pid)
+        self._vital = [t for t in self._tracked if t.pid == self._proc.pid]  # the server's main process
         return self
 
     def _kill(self) -> None:
-        tracked, self._tracked = self._tracked, []
+        tracked, self._tracked, self._vital = self._tracked, [], []
         self._conn = None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
@@ -210,7 +211,7 @@ class SGLangServerEngine(SGLangEngine):
         deadline = time.monotonic() + timeout
         while t.is_alive():
             t.join(0.2)
-            dead = [p.pid for p in self._tracked if not p.alive()]
+            dead = [p.pid for p in self._vital if not p.alive()]
             if dead or self._proc is None or self._proc.poll() is not None:
                 self._died(method, None, dead)
             if time.monotonic() > deadline:
