@@ -73,7 +73,7 @@ def perturbed_dir(tiny_model_dir, tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 def test_buckets_reproduce_checkpoint(perturbed_dir, tp, pp):
     bucket_bytes = 256 << 10
     res = run_distributed("tests.integration.test_sglang_weight_sync:check_buckets", nproc=tp * pp,
