@@ -261,7 +261,9 @@ class SGLangEngine:
         (one per sample) are honoured only when the engine runs with
         ``engine_kwargs={"enable_deterministic_inference": True}`` — then every sample is its own
         request with that ``sampling_seed``; otherwise they are ignored (warned once) and samples come
-        from the engine's RNG (``random_seed``). Returns ``results[i][k]`` for request i, sample k.
+        from the engine's RNG (``random_seed``). SGLang 0.5.23 refuses deterministic inference with
+        ``attention_backend="torch_native"``, so on CPU seeds cannot be honoured.
+        Returns ``results[i][k]`` for request i, sample k.
         """
         reqs = [GenerationRequest.coerce(r) for r in requests]
         if not reqs:
