@@ -22,10 +22,10 @@ from megatron_papo.checkpoint.dist import latest_checkpoint, load_checkpoint, sa
 from megatron_papo.config import Config
 from megatron_papo.data.collate import collate_rollouts, repeat_interleave
 from megatron_papo.data.dataset import PromptLoader, load_prompt_dataset
-from megatron_papo.models.qwen2_5_vl import export_to_hf
 from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings
 from megatron_papo.rewards import get_reward_fn
+from megatron_papo.rollout.weight_sync import SyncState, sync_weights
 from megatron_papo.rollout_phase import Group, generate_groups, rollout_metrics
 from megatron_papo.utils.logging import get_logger, progress
 from megatron_papo.utils.metrics import MetricsWriter
@@ -80,6 +80,7 @@ class Trainer:
         self.papo = cfg.algo.kl_prcp_coef > 0 or cfg.algo.aug_entropy_coef > 0
         self.engine = engine_factory(cfg, hf_dir) if (self.is_rank0 and engine_factory is not None) else None
         self._engine_released = False
+        self._sync_state = SyncState() if cfg.rollout.skip_frozen else None
         self.step = 0
         self.skipped_updates = 0
         resume = self._maybe_resume()
@@ -117,21 +118,16 @@ class Trainer:
                         keep_last=self.cfg.checkpoint.keep_last)
 
     # ------------------------------------------------------------------ weight sync
-    def sync_weights(self) -> float:
-        """Push the actor's weights (HF names, full tensors) into the engine; collective over all ranks."""
-        t0 = time.perf_counter()
-        tensors = export_to_hf(self.actor.modules, self.groups)
-        if self.engine is not None:
-            if self._engine_released:
-                self.engine.resume_memory()
-                self._engine_released = False
-            self.engine.update_weights(tensors)
-        else:
-            for _ in tensors:  # non-owners take part in the collectives
-                pass
+    def sync_weights(self) -> dict[str, float]:
+        """Push the actor's weights into the engine: bucketed (``rollout.bucket_mb``), one TP all-gather per
+        bucket, PP stages broadcast, HF names via the model's adapter; frozen parameters only once. Collective."""
+        if self._engine_released and self.engine is not None:
+            self.engine.resume_memory()
+            self._engine_released = False
+        stats = sync_weights(self.actor.modules, self.engine, bucket_mb=self.cfg.rollout.bucket_mb, state=self._sync_state)
         if dist.is_initialized():
             dist.barrier()
-        return time.perf_counter() - t0
+        return stats
 
     # ------------------------------------------------------------------ one step
     def _sampling(self) -> dict[str, Any]:
@@ -318,8 +314,6 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         cfg = self.cfg
-        if self.step == 0:
-            self.sync_weights() if self.engine is not None and cfg.model.path != "tiny" else None
         bar = progress(total=cfg.total_steps, initial=self.step, desc="train", enabled=cfg.logging.progress)
         warn = CollapseDetector()
         while self.step < cfg.total_steps:
