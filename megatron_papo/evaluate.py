@@ -51,8 +51,10 @@ def evaluate_split(engine: Any, cfg: Any, processor: Any, reward_fn: Any, n: int
 
     ds = load_prompt_dataset(cfg.data.test, cfg.data, processor, "test")
     r = cfg.rollout
-    sampling = {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
-    return evaluate_dataset(engine, ds, reward_fn, n=max(n, cfg.eval_n), sampling=sampling, seed=cfg.seed + 7919)
+    temperature = r.temperature if cfg.eval_temperature is None else cfg.eval_temperature
+    sampling = {"temperature": temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
+    n = 1 if temperature == 0 else max(n, cfg.eval_n)  # greedy decoding has one answer per question
+    return evaluate_dataset(engine, ds, reward_fn, n=n, sampling=sampling, seed=cfg.seed + 7919)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

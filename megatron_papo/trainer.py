@@ -7,6 +7,7 @@ and runs the actor/reference through mcore's schedule (TP/PP/DP).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self.train_ds = load_prompt_dataset(cfg.data.train, cfg.data, self.processor, "train")
         self.loader = PromptLoader(self.train_ds, batch_size=cfg.optim.rollout_batch_size, seed=cfg.data.seed)
-        self.reward_fn = get_reward_fn(cfg.data.reward)
+        self.reward_fn = functools.partial(get_reward_fn(cfg.data.reward), format_weight=cfg.data.format_weight)
         o = cfg.optim
         settings = OptimSettings(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                  adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,

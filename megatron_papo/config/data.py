@@ -36,6 +36,7 @@ class DataConfig:
     format_prompt: Literal["math_perception", "math", "short_answer", "none"] = field(
         "math_perception", help="instruction appended to the question (see megatron_papo/data/prompt.py)")
     reward: str = field("math", help="reward function name (math | synthetic)")
+    format_weight: float = field(0.1, help="reward = (1 - w) * accuracy + w * format (PAPO: 0.1; 0 = accuracy only)")
     max_prompt_length: int = field(4096, help="prompts longer than this (incl. image tokens) are filtered and counted")
     min_pixels: Optional[int] = field(None, help="images below this area are upscaled; None = auto (PAPO 256*28*28, synthetic 56*56)")
     max_pixels: Optional[int] = field(None, help="images above this area are downscaled; None = auto (PAPO 1280*28*28, synthetic 112*112)")

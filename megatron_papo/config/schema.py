@@ -34,6 +34,7 @@ class Config:
     eval_at_end: bool = field(True, help="evaluate the test split after training (avg accuracy, majority baseline)")
     eval_every: int = field(0, help="evaluate every N steps; 0 = only at the end")
     eval_n: int = field(1, help="samples per test question in evaluation (avg@n)")
+    eval_temperature: Optional[float] = field(None, help="sampling temperature of evaluation; null = rollout.temperature, 0 = greedy")
     check_invariants: bool = field(True, help="assert first-step invariants (actor==ref logprobs, ratio==1)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig, help="parallel layout")
     model: ModelConfig = field(default_factory=ModelConfig, help="model")
