@@ -7,5 +7,6 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$REPO/launch/setup_env.sh"
 cd "$REPO"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PATH="$REPO/.venv/bin:$PATH"  # shellcheck / hadolint from the venv for the launch-script and Dockerfile lints
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -58,6 +58,7 @@ echo "torchrun_multinode: node $NODE_RANK/$NNODES, $NPROC proc(s), master $MASTE
 
 child=""
 # shellcheck disable=SC2317  # invoked through trap
+# shellcheck disable=SC2329  # invoked by the trap below
 stop() {
   local sig="$1"
   trap - INT TERM HUP
