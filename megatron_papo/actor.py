@@ -23,7 +23,7 @@ from megatron_papo.data.collate import RolloutBatch
 from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore
 from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, token_stats
 from megatron_papo.parallel import ParallelGroups
-from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, tag_tensor_parallel_params, wrap_ddp
+from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, wrap_ddp
 
 PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "aug_logprob")
 
@@ -134,7 +134,6 @@ class PolicyModel:
         self.groups = groups
         self.banned_ids = list(banned_ids or [])
         model = build_model(model_cfg, groups, hf_dir=hf_dir, sequence_parallel=sequence_parallel)
-        tag_tensor_parallel_params(model)
         load_hf_into_mcore([model], hf_dir, groups)
         self.trainable = trainable
         if trainable:

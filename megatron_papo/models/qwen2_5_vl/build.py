@@ -25,6 +25,7 @@ from megatron_papo.models.qwen2_5_vl.config import (
 )
 from megatron_papo.models.qwen2_5_vl.model import Qwen25VLModel
 from megatron_papo.models.qwen2_5_vl.specs import lm_layer_spec, precision_kwargs, vision_layer_spec
+from megatron_papo.parallel.training import tag_tensor_parallel_params
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,38 +83,6 @@ def build_model(model_cfg: Any = None, pg: Any = None, *, hf_dir: Optional[str |
                               pg_collection=pgc, freeze_vision_tower=model_cfg.freeze_vision_tower)
     tag_tensor_parallel_params(model)
     return model
-
-
-def tag_tensor_parallel_params(model: torch.nn.Module) -> int:
-    """Set mcore's ``tensor_model_parallel``/``partition_dim`` on TP-sharded weights (idempotent).
-
-    mcore sets them only inside its weight initialisers, which ``perform_initialization=False`` skips
-    (weights are loaded afterwards); grad-norm clipping and dist-checkpointing need them. Column-parallel
-    weights/biases and the vocab embedding split dim 0, row-parallel weights dim 1; row biases are replicated.
-    """
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        set_tensor_model_parallel_attributes,
-    )
-
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, (ColumnParallelLinear, VocabParallelEmbedding)):
-            params = [(getattr(mod, "weight", None), 0), (getattr(mod, "bias", None), 0)]
-        elif isinstance(mod, RowParallelLinear):
-            params = [(getattr(mod, "weight", None), 1)]
-        else:
-            continue
-        for p, dim in params:
-            if isinstance(p, torch.nn.Parameter) and not getattr(p, "tensor_model_parallel", False):
-                for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
-                set_tensor_model_parallel_attributes(p, True, dim, 1)
-                n += 1
-    return n
 
 
 def batch_to_model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
