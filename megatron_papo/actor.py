@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_papo.algos import LossInputs, LossSpec, papo_loss
 from megatron_papo.data.collate import RolloutBatch
-from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore
+from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore
 from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, token_stats
 from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, wrap_ddp
@@ -172,7 +172,7 @@ class PolicyModel:
             inputs = dict(mb)
             if req.view == "aug":
                 inputs["pixel_values"] = mb["pixel_values_aug"]
-            return _forward(model, inputs), lambda logits: loss_fn(mb, logits)
+            return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
 
         for c in self.chunks:
             c.eval()
@@ -219,7 +219,7 @@ class PolicyModel:
             inputs = dict(mb)
             if paired:
                 inputs = _pair_views(mb)
-            return _forward(model, inputs), lambda logits: loss_fn(mb, logits)
+            return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
 
         for c in self.chunks:
             c.train()
@@ -267,12 +267,6 @@ def _pair_views(mb: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "image_index")
-
-
-def _forward(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """Vocab-parallel logits (last stage) or hidden states of one micro-batch."""
-    return model(**{k: inputs.get(k) for k in MODEL_INPUTS})
 
 
 def _sum_metrics(results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -9,11 +9,11 @@ def dedupe_equals_naive(hf_dir: str) -> dict:
     """Logits of a batch of 2 groups x 3 samples: image_index dedupe vs every row carrying its own pixels."""
     from transformers import AutoProcessor
 
-    from megatron_papo.actor import _forward, make_micro_batches
+    from megatron_papo.actor import make_micro_batches
     from megatron_papo.config import load_config
     from megatron_papo.data.collate import collate_rollouts, repeat_interleave
     from megatron_papo.data.dataset import load_prompt_dataset
-    from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore
+    from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore
     from megatron_papo.parallel import init_distributed
 
     cfg = load_config("tiny_cpu", ["data.synthetic_train_size=8"])
@@ -27,7 +27,7 @@ def dedupe_equals_naive(hf_dir: str) -> dict:
     load_hf_into_mcore([model], hf_dir, groups)
     (mb,) = make_micro_batches(batch, list(range(6)), 6)
     with torch.no_grad():
-        deduped = _forward(model, mb)
+        deduped = forward_logits(model, mb)
         naive = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], pixel_values=batch.pixel_values,
                       image_grid_thw=batch.image_grid_thw)
     return {"distinct_images": int(mb["image_grid_thw"].shape[0]), "slots": mb["image_index"].tolist(),
