@@ -148,6 +148,26 @@ class PolicyModel:
             self.optimizer = None
         self.config = model.config
 
+    def move_to(self, device: torch.device) -> None:
+        """Move a frozen model's parameters and buffers (reference offload between its passes); the actor's
+        DDP gradient buffers pin it to its device, so only frozen models move."""
+        if self.trainable:
+            raise RuntimeError("only a frozen (reference) model can be offloaded; the actor's DDP buffers stay put")
+        for c in self.chunks:
+            c.to(device)
+
+    def load_weights(self, ckpt: str) -> str:
+        """Collective: overwrite the weights with a dist-checkpoint's model tensors (any saved TP/PP; names with or
+        without DDP's ``module.`` prefix); the optimizer's main params follow. Returns the checkpoint dir used."""
+        from megatron_papo.checkpoint.convert import as_saved, resolve_checkpoint
+        from megatron_papo.checkpoint.dist import load_checkpoint
+
+        path = resolve_checkpoint(ckpt)
+        load_checkpoint(path, [as_saved(m, path) for m in self.modules], optimizer=None, load_rng=False)
+        if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()
+        return str(path)
+
     @property
     def modules(self) -> list[torch.nn.Module]:
         """The unwrapped model chunks (for export / checkpoint naming)."""

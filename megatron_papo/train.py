@@ -34,6 +34,31 @@ def prepare_model_dir(cfg: Config, rank: int) -> str:
     return str(out)
 
 
+def check_placement(cfg: Config, device_type: str, local_world_size: int) -> None:
+    """Device checks of the placement options: optimizer CPU offload is a GPU feature; placement=separate on GPUs
+    needs engine GPUs that exist and are not the trainer's (one per local rank)."""
+    from megatron_papo.config import ConfigError
+
+    r = cfg.rollout
+    if cfg.optim.cpu_offload_fraction > 0 and device_type != "cuda":
+        raise ConfigError(f"optim.cpu_offload_fraction={cfg.optim.cpu_offload_fraction} offloads GPU optimizer state; "
+                          "on CPU everything is already in host memory: set it to 0")
+    if r.placement != "separate" or device_type != "cuda":
+        return
+
+    if r.engine_base_gpu < 0:
+        raise ConfigError("rollout.placement=separate on GPUs needs rollout.engine_base_gpu (the engine's first GPU, "
+                          f">= {local_world_size} here: this node's trainer ranks use GPUs 0..{local_world_size - 1})")
+    if r.engine_base_gpu < local_world_size:
+        raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} overlaps the trainer's GPUs "
+                          f"0..{local_world_size - 1}; start it at {local_world_size} or launch fewer trainer ranks")
+    import torch
+
+    if r.engine_base_gpu + r.engine_tp > torch.cuda.device_count():
+        raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} + engine_tp={r.engine_tp} exceeds the "
+                          f"{torch.cuda.device_count()} visible GPUs")
+
+
 def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
     """Run training; returns the process exit code."""
     cfg = load_config(recipe, overrides)
@@ -55,6 +80,7 @@ def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
     arch = load_arch(hf_dir)
     groups.dims.check_model(num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers,
                             vision_heads=arch.vision.num_heads)
+    check_placement(cfg, groups.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     from megatron_papo.rollout_phase import make_engine
     from megatron_papo.trainer import Trainer
 

@@ -1,8 +1,11 @@
 """The RL step: rollout -> rewards -> log-probs (old, masked, reference) -> advantages -> update -> sync.
 
-One ``Trainer`` per process. Global rank 0 owns the rollout engine (colocated placement) and the
-metric sinks; every rank holds the same prompts and groups, takes its data-parallel share of rows,
-and runs the actor/reference through mcore's schedule (TP/PP/DP).
+One ``Trainer`` per process. Global rank 0 owns the rollout engine and the metric sinks; the engine
+either shares the trainer's devices (``rollout.placement=colocated``: on GPUs it releases its memory
+while the actor trains, and the reference can live in host memory between its passes) or has devices
+of its own (``separate``: weights travel through a process group or disk). Every rank holds the same
+prompts and groups, takes its data-parallel share of rows, and runs the actor/reference through
+mcore's schedule (TP/PP/DP).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Trainer:
         o = cfg.optim
         settings = OptimSettings(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                  adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,
+                                 cpu_offload_fraction=o.cpu_offload_fraction,
                                  bf16=self._dtype() == torch.bfloat16)
         sp = cfg.parallel.sequence_parallel
         banned = engine_banned_ids(hf_dir, self.tokenizer)
@@ -85,10 +89,16 @@ class Trainer:
         self.step = 0
         self.skipped_updates = 0
         resume = self._maybe_resume()
+        initialised = resume is None and bool(cfg.checkpoint.init_from)
+        if initialised:
+            self._init_from(cfg.checkpoint.init_from)
+        self._offload_ref = bool(self.ref is not None and cfg.model.offload_ref and groups.device.type == "cuda")
+        if self._offload_ref:
+            self.ref.move_to(torch.device("cpu"))
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_rank0, jsonl=cfg.logging.jsonl,
                                      tensorboard=cfg.logging.tensorboard, resume_step=resume)
-        if resume is not None:
-            self.sync_weights()
+        if resume is not None or initialised:
+            self.sync_weights()  # the engine loaded the HF dir; it must serve the checkpoint's weights
 
     def _dtype(self) -> torch.dtype:
         from megatron_papo.models.qwen2_5_vl import resolve_dtype
@@ -112,6 +122,13 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         log.info("resumed from %s (step %d)", path, self.step)
         return self.step
+
+    def _init_from(self, ckpt: str) -> None:
+        """A new run from a dist-checkpoint's weights: actor and reference (the initial policy) both load it."""
+        path = self.actor.load_weights(ckpt)
+        if self.ref is not None:
+            self.ref.load_weights(ckpt)
+        log.info("initialised actor%s from %s (optimizer and step start fresh)", " and reference" if self.ref else "", path)
 
     def save(self) -> None:
         save_checkpoint(self.ckpt_root, self.step, self.actor.chunks, self.actor.optimizer,
@@ -175,7 +192,7 @@ class Trainer:
                              keep_fn=lambda g: a.dynamic_sampling_low < g.mean_accuracy < a.dynamic_sampling_high,
                              on_limit=a.dynamic_sampling_on_limit)
             groups, extra = res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
-        if self.engine is not None and cfg.rollout.mode == "colocated" and self.groups.device.type == "cuda":
+        if self.engine is not None and cfg.rollout.placement == "colocated" and self.groups.device.type == "cuda":
             # colocated on GPUs: the engine gives its memory back while the actor trains (on CPU there is nothing
             # to release, and SGLang 0.5.23's release path calls torch.cuda.synchronize and dies there)
             self.engine.release_memory()
@@ -224,7 +241,11 @@ class Trainer:
             timing["aug_logprob"] = time.perf_counter() - t
         if self.ref is not None:
             t = time.perf_counter()
+            if self._offload_ref:
+                self.ref.move_to(g.device)
             per_token["ref_logprob"] = self._gather_stats(self.ref, micro, batch, StatsRequest("ori"), temp)
+            if self._offload_ref:
+                self.ref.move_to(torch.device("cpu"))
             timing["ref_logprob"] = time.perf_counter() - t
         metrics.update(self._logprob_checks(step, groups, batch, per_token, my_rows))
 

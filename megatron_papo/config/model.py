@@ -40,4 +40,6 @@ class ModelConfig:
     fp8_param_gather: bool = field(False, help="keep FP8 copies of params for the all-gather (distributed optimizer)")
     fp8_bf16_first_last_layers: int = field(1, help="number of first and last layers kept in bf16 under FP8")
     recompute: Literal["none", "selective", "full"] = field("none", help="activation recomputation")
+    offload_ref: bool = field(False, help="colocated GPUs: keep the reference model in host memory except during "
+                              "its log-prob pass (no effect on CPU)")
     freeze_vision_tower: bool = field(False, help="do not train the vision tower (PAPO trains it)")

@@ -18,6 +18,8 @@ class OptimConfig:
     adam_eps: float = field(1.0e-8, help="AdamW epsilon")
     clip_grad: float = field(1.0, help="global grad-norm clip; non-finite norms skip the step")
     use_distributed_optimizer: bool = field(False, help="shard optimizer state over data-parallel ranks")
+    cpu_offload_fraction: float = field(0.0, help="share of the optimizer state and step kept on the CPU (mcore "
+                                        "HybridDeviceOptimizer; needs use_distributed_optimizer); 0 = off")
     rollout_batch_size: int = field(384, help="prompts sampled per training step")
     global_batch_size: int = field(128, help="prompts per optimizer step (mini-batch)")
     micro_batch_size: int = field(4, help="responses per micro-batch per data-parallel rank")

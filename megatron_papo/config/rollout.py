@@ -16,6 +16,12 @@ class RolloutConfig:
     mode: Literal["colocated", "server"] = field(
         "colocated", help="colocated: the engine runs in processes owned by global rank 0 (SGLang: a host process "
         "holding sglang.Engine); server: an sglang.launch_server process driven over HTTP (SGLang only)")
+    placement: Literal["colocated", "separate"] = field(
+        "colocated", help="colocated: the engine shares the trainer's devices (on GPUs it releases its memory while "
+        "the actor trains); separate: the engine has devices of its own (rollout.engine_base_gpu) and receives "
+        "weights through transport=distributed or disk, never through shared memory")
+    engine_base_gpu: int = field(-1, help="placement=separate on GPUs: the first GPU id of the engine's TP group "
+                                 "(SGLang base_gpu_id); -1 = SGLang's default (colocated)")
     n: int = field(5, help="responses sampled per prompt (group size)")
     temperature: float = field(1.0, help="sampling temperature; logits are divided by it in the trainer too")
     top_p: float = field(0.99, help="nucleus sampling")

@@ -115,5 +115,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("algo.aug_entropy_coef > 0 needs the masked view: set algo.kl_prcp_coef > 0")
     if cfg.model.fp8 is not None and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError(f"model.fp8={cfg.model.fp8} needs model.transformer_impl=transformer_engine")
+    if r.placement == "separate" and r.transport == "tensor":
+        raise ConfigError("rollout.placement=separate needs rollout.transport=distributed or disk (the tensor "
+                          "transport shares memory with the engine)")
+    if r.placement == "separate" and r.engine != "sglang":
+        raise ConfigError(f"rollout.placement=separate is implemented for the SGLang engine only (got {r.engine})")
+    if r.placement == "colocated" and r.engine_base_gpu >= 0:
+        raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} is for placement=separate; colocated engines "
+                          "use the trainer's devices")
+    if not 0.0 <= o.cpu_offload_fraction <= 1.0:
+        raise ConfigError(f"optim.cpu_offload_fraction={o.cpu_offload_fraction} must be in [0, 1]")
+    if o.cpu_offload_fraction > 0 and not o.use_distributed_optimizer:
+        raise ConfigError("optim.cpu_offload_fraction > 0 needs optim.use_distributed_optimizer=true")
     if not 0.0 <= cfg.data.mask_prob <= 1.0:
         raise ConfigError(f"data.mask_prob={cfg.data.mask_prob} must be in [0, 1]")

@@ -30,6 +30,7 @@ class OptimSettings:
     use_distributed_optimizer: bool = False
     bf16: bool = False
     fp16: bool = False
+    cpu_offload_fraction: float = 0.0
 
 
 def tag_tensor_parallel_params(module: torch.nn.Module) -> int:
@@ -97,6 +98,7 @@ def build_optimizer(model_chunks: list[torch.nn.Module], settings: OptimSettings
         adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps, clip_grad=settings.clip_grad,
         bf16=settings.bf16, fp16=settings.fp16, use_distributed_optimizer=settings.use_distributed_optimizer,
         params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
+        optimizer_cpu_offload=settings.cpu_offload_fraction > 0, optimizer_offload_fraction=settings.cpu_offload_fraction,
     )
     return get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=False, pg_collection=groups.mcore)
 

@@ -64,7 +64,7 @@ class SGLangEngine:
     def __init__(self, model_path: str, *, device: str = "auto", tp_size: int = 1, timeout_s: float = 600.0,
                  start_timeout_s: float = 900.0, seed: int = 1, transport: str = "tensor", bucket_mb: int = 512,
                  dtype: str = "auto", log_level: str = "error", engine_kwargs: Optional[dict[str, Any]] = None,
-                 ban_special_tokens: bool = True) -> None:
+                 ban_special_tokens: bool = True, base_gpu_id: int = -1) -> None:
         self.model_path = str(model_path)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.timeout_s = float(timeout_s)
@@ -81,6 +81,8 @@ class SGLangEngine:
                               "log_level": log_level, "skip_server_warmup": True}
         if self.device == "cpu":
             kw.update(CPU_ENGINE_KWARGS)
+        elif base_gpu_id >= 0:  # placement=separate: the engine's GPUs start here, after the trainer's
+            kw["base_gpu_id"] = base_gpu_id
         kw.update(engine_kwargs or {})
         self.engine_kwargs = kw
         vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None)
@@ -115,7 +117,7 @@ class SGLangEngine:
         extra = dict(getattr(cfg, "engine_kwargs", None) or {})
         return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), timeout_s=cfg.timeout_s,
                    start_timeout_s=getattr(cfg, "start_timeout_s", 900.0), seed=cfg.seed, transport=cfg.transport,
-                   bucket_mb=cfg.bucket_mb, engine_kwargs=extra, **kwargs)
+                   bucket_mb=cfg.bucket_mb, engine_kwargs=extra, base_gpu_id=getattr(cfg, "engine_base_gpu", -1), **kwargs)
 
     def start(self) -> SGLangEngine:
         """Start the host process and the SGLang engine in it; raise EngineError if it cannot start."""

@@ -130,3 +130,43 @@ def test_bad_layout_exits_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-papo:")]
     assert len(lines) == 1 and "tp(2)*pp(1)*cp(1)=2 does not divide world_size 1" in lines[0], proc.stderr[-2000:]
+
+
+def test_separate_engine_placement_over_a_weight_group(tmp_path):
+    """placement=separate: the engine is its own SGLang server process and every sync goes through a gloo group
+    with its scheduler (update_weights_from_distributed); the engine must serve the new weights each step."""
+    rows = _train(tmp_path / "sep", extra=["total_steps=3", "checkpoint.save_every=0", "eval_at_end=false",
+                                           "rollout.placement=separate", "rollout.mode=server",
+                                           "rollout.transport=distributed"])
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["rollout/logprob_gap"] <= 1e-4 for r in steps), [r["rollout/logprob_gap"] for r in steps]
+    assert steps[2]["kl/ref"] > 0  # the actor moved, and the engine's log-probs moved with it
+
+
+def _hf_tensors(run_dir: Path, out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    subprocess.run([sys.executable, "-m", "megatron_papo.cli", "convert", "mcore2hf", "--ckpt", str(run_dir), "--hf-base",
+                    str(run_dir / "tiny_model"), "--out", str(out)], cwd=REPO, env=_env(), check=True, capture_output=True,
+                   timeout=600)
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_init_from_checkpoint_starts_actor_reference_and_engine_there(tmp_path):
+    """A new run with checkpoint.init_from=<earlier run>: actor, reference and engine all start from its weights
+    (step-1 invariants + engine gap), while the optimizer and step start fresh. With lr=0 its own checkpoint after
+    one step must hold exactly the earlier run's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    quiet = ["checkpoint.save_every=0", "eval_at_end=false"]
+    _train(tmp_path / "a", extra=["total_steps=2", *quiet])
+    rows = _train(tmp_path / "b", extra=["total_steps=1", *quiet, "optim.lr=0", f"checkpoint.init_from={tmp_path / 'a'}"])
+    first = rows[0]
+    assert first["step"] == 1 and first["rollout/logprob_gap"] <= 1e-4
+    assert first["check/actor_ref_gap"] == 0.0 and first["kl/ref"] == 0.0  # the reference loaded it too
+    a, b = _hf_tensors(tmp_path / "a", tmp_path / "a_hf"), _hf_tensors(tmp_path / "b", tmp_path / "b_hf")
+    init = load_file(str(tmp_path / "b" / "tiny_model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], init[k]) for k in init)  # and those are not the fresh tiny weights

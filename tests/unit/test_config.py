@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from megatron_papo.config import Config, ConfigError, dump, from_dict, load_config, to_dict
@@ -33,12 +34,39 @@ def test_overrides_and_types():
     ("optim.rollout_batch_size=100", "must be a multiple of optim.global_batch_size"),
     ("model.fp8=e4m3", "needs model.transformer_impl=transformer_engine"),
     ("parallel", "not of the form key.sub=value"),
+    ("rollout.placement=separate", "needs rollout.transport=distributed or disk"),
+    ("rollout.engine_base_gpu=4", "is for placement=separate"),
+    ("optim.cpu_offload_fraction=0.5", "needs optim.use_distributed_optimizer=true"),
+    ("optim.cpu_offload_fraction=2", "must be in [0, 1]"),
 ])
 def test_bad_overrides_one_line(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_engine_placement_checks():
+    with pytest.raises(ConfigError, match="SGLang engine only"):
+        load_config(None, ["rollout.engine=vllm", "rollout.placement=separate", "rollout.transport=disk"])
+    from megatron_papo.train import check_placement
+
+    sep = load_config(None, ["rollout.placement=separate", "rollout.transport=distributed"])
+    check_placement(sep, "cpu", 4)  # CPU: the engine's processes are its own; nothing to place
+    with pytest.raises(ConfigError, match="needs rollout.engine_base_gpu"):
+        check_placement(sep, "cuda", 4)
+    sep.rollout.engine_base_gpu = 2
+    with pytest.raises(ConfigError, match="overlaps the trainer's GPUs 0..3"):
+        check_placement(sep, "cuda", 4)
+    sep.rollout.engine_base_gpu, sep.rollout.engine_tp = 4, 4
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(ConfigError, match="exceeds the"):
+            check_placement(sep, "cuda", 4)
+    check_placement(load_config(None, []), "cuda", 8)  # colocated: shares the trainer's GPUs
+    offload = load_config(None, ["optim.cpu_offload_fraction=1", "optim.use_distributed_optimizer=true"])
+    check_placement(offload, "cuda", 8)
+    with pytest.raises(ConfigError, match="already in host memory"):
+        check_placement(offload, "cpu", 1)
 
 
 def test_recipe_file_and_base(tmp_path):

@@ -1,10 +1,11 @@
 """Step-time breakdown (rollout, log-probs, update, sync) of GRPO vs PAPO (faithful, live) on ``tiny_cpu``.
 
-One process, one SGLang engine shared by the variants (each variant pushes its initial weights
-first), the same prompts and seeds for all. Prints one JSON object: per variant the mean of every
-``timing/*`` over the measured steps, and the ratios PAPO/GRPO of the step time.
+One process, one SGLang engine shared by the variants, the same prompts and seeds for all. The
+variants run round robin, one step each in turn (each first pushes its own weights, untimed), so
+machine drift and warm-up hit all alike. Prints one JSON object: per variant the median of every
+``timing/*`` over the measured steps, and the ratios PAPO/GRPO of the median step time.
 
-    .venv/bin/python tools/bench/train_step.py --steps 6 --warmup 1
+    .venv/bin/python tools/bench/train_step.py --steps 10 --warmup 2
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -44,22 +46,27 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint.resume=never", *args.overrides]
     engine = None
     groups = None
-    out: dict[str, dict[str, float]] = {}
+    trainers = {}
     for name in args.variants:
         cfg = load_config("tiny_cpu", base + VARIANTS[name] + [f"run_dir={root / name}", f"total_steps={args.steps}"])
         groups = groups or init_distributed(cfg.parallel, seed=cfg.seed)
         hf_dir = prepare_model_dir(cfg, groups.rank) if engine is None else str(root / args.variants[0] / "tiny_model")
         if engine is None:
             engine = make_engine(cfg.rollout, hf_dir).start()
-        trainer = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d, e=engine: e)
-        trainer.sync_weights()  # the shared engine starts every variant from the same initial weights
-        rows = []
-        for step in range(1, args.steps + 1):
-            rows.append(trainer.train_step(step))
+        trainers[name] = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d, e=engine: e)
+    # round robin over the variants, step by step, so machine drift and warm-up hit every variant alike; the engine
+    # is shared, so each variant first pushes its own weights (untimed) and then runs a full, timed step
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
+    for step in range(1, args.steps + 1):
+        for name, trainer in trainers.items():
+            trainer.sync_weights()
+            rows[name].append(trainer.train_step(step))
             trainer.step = step
-        measured = rows[args.warmup:]
+    out: dict[str, dict[str, float]] = {}
+    for name, trainer in trainers.items():
+        measured = rows[name][args.warmup:]
         keys = sorted(k for k in measured[0] if k.startswith("timing/"))
-        out[name] = {k: sum(r[k] for r in measured) / len(measured) for k in keys}
+        out[name] = {k: statistics.median(r[k] for r in measured) for k in keys}
         trainer.engine = None  # shared: shut down once at the end
     if engine is not None:
         engine.shutdown()
