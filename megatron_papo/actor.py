@@ -36,9 +36,27 @@ class StatsRequest:
     entropy: bool = False
 
 
+def split_by_tokens(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Token-budget micro-batching: ``rows`` ordered by length (longest first, ties in row order) and cut
+    greedily so that ``len(chunk) * longest_in_chunk <= budget`` (the padded size of the micro-batch); a row
+    longer than the budget gets a micro-batch of its own."""
+    if budget <= 0:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    order = sorted(rows, key=lambda r: -lengths[r])
+    chunks: list[list[int]] = []
+    for r in order:
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    return chunks
+
+
 def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *, extra: Optional[dict[str, torch.Tensor]] = None,
-                       with_aug: bool = False, fixed_shape: bool = False) -> list[dict[str, Any]]:
-    """Split ``rows`` of a RolloutBatch into micro-batch dicts.
+                       with_aug: bool = False, fixed_shape: bool = False, token_budget: int = 0) -> list[dict[str, Any]]:
+    """Split ``rows`` of a RolloutBatch into micro-batch dicts: ``micro_size`` rows each in order, or, with
+    ``token_budget`` > 0, rows of similar length together, at most ``token_budget`` padded tokens per
+    micro-batch (:func:`split_by_tokens`; not with ``fixed_shape``).
 
     Rows of one group (same prompt) share their images: each micro-batch carries the pixels of every
     distinct image once, and ``image_index`` maps each image slot (in row order) to one of them, so the
@@ -46,6 +64,8 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     unless ``fixed_shape`` (pipeline parallelism: every micro-batch must have the shape the schedule's p2p
     buffers expect): then all keep the batch's full width and ``len(rows)`` must be a multiple of ``micro_size``.
     """
+    if fixed_shape and token_budget > 0:
+        raise ValueError("token-budget micro-batches have varying shapes; pipeline parallelism needs fixed ones")
     if fixed_shape and len(rows) % micro_size:
         raise ValueError(f"pipeline parallelism needs equal micro-batches: {len(rows)} rows per rank are not a multiple of "
                          f"optim.micro_batch_size={micro_size}")
@@ -58,9 +78,12 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     for p in patches:
         patch_start.append(patch_start[-1] + p)
     group = batch.group_index.tolist() if getattr(batch, "group_index", None) is not None else list(range(len(imgs_per_row)))
+    if token_budget > 0:
+        chunks = split_by_tokens(rows, batch.attention_mask.sum(-1).tolist(), token_budget)
+    else:
+        chunks = [rows[i:i + micro_size] for i in range(0, len(rows), micro_size)]
     out = []
-    for i in range(0, len(rows), micro_size):
-        sel = rows[i:i + micro_size]
+    for sel in chunks:
         idx = torch.tensor(sel)
         width = batch.input_ids.shape[1] if fixed_shape else int(batch.attention_mask[idx].sum(-1).max().item())
         labels = batch.labels[idx, :width].clone()
@@ -203,11 +226,15 @@ class PolicyModel:
 
     # ------------------------------------------------------------------ update
     def train_mini_batch(self, micro_batches: list[dict[str, Any]], spec: LossSpec, *, temperature: float,
-                         global_tokens: float, global_seqs: float, paired: bool, want_exact: bool) -> dict[str, float]:
-        """Forward-backward over the micro-batches, one optimizer step; returns mini-batch metrics (rank 0)."""
+                         global_tokens: float, global_seqs: float, paired: bool, want_exact: bool,
+                         global_micro: Optional[int] = None) -> dict[str, float]:
+        """Forward-backward over the micro-batches, one optimizer step; returns mini-batch metrics (rank 0).
+        ``global_micro``: micro-batches of this mini-batch summed over DP (default: this rank's count x DP size,
+        right when every rank runs the same count)."""
         assert self.trainable and self.optimizer is not None
         groups, tp_group = self.groups, self.groups.tp_group
         n_micro = len(micro_batches)
+        n_global = global_micro if global_micro is not None else n_micro * groups.dp_size
         live = spec.aug_mode == "live"
 
         def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
@@ -228,7 +255,7 @@ class PolicyModel:
                 logprob=st.logprob, old_logprob=mb["old_logprob"], advantages=mb["advantages"], response_mask=mask,
                 ref_logprob=mb.get("ref_logprob"), aug_logprob=aug_lp, entropy=st.entropy, aug_entropy=aug_ent, kl_exact=kl)
             loss, metrics = papo_loss(inputs, spec, global_tokens=global_tokens, global_seqs=global_seqs,
-                                      num_microbatches=n_micro * groups.dp_size)
+                                      num_microbatches=n_global)
             # mcore divides by the number of micro-batches and DDP averages over DP; papo_loss already gives this
             # micro-batch's additive share of the mini-batch objective, so undo both.
             scaled = loss * (n_micro * groups.dp_size)

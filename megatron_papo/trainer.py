@@ -230,7 +230,8 @@ class Trainer:
 
         # ---- log-probs under theta_old (original and masked views) and the reference
         t = time.perf_counter()
-        micro = make_micro_batches(batch, my_rows, mbs, with_aug=self.papo, fixed_shape=fixed)
+        budget = cfg.optim.micro_batch_tokens
+        micro = make_micro_batches(batch, my_rows, mbs, with_aug=self.papo, fixed_shape=fixed, token_budget=budget)
         per_token: dict[str, torch.Tensor] = {}
         per_token["old_logprob"] = self._gather_stats(self.actor, micro, batch, StatsRequest("ori"), temp)
         timing["old_logprob"] = time.perf_counter() - t
@@ -261,10 +262,18 @@ class Trainer:
                 rows = my_rows[m * rows_per_mini:(m + 1) * rows_per_mini]
                 all_rows = [d * per_dp + m * rows_per_mini + i for d in range(g.dp_size) for i in range(rows_per_mini)]
                 global_tokens = float(batch.label_mask[all_rows].sum())
-                mb = make_micro_batches(batch, rows, mbs, extra=extra_t, with_aug=self.papo, fixed_shape=fixed)
+                mb = make_micro_batches(batch, rows, mbs, extra=extra_t, with_aug=self.papo, fixed_shape=fixed,
+                                        token_budget=budget)
+                n_micro = len(mb)
+                if budget and g.dp_size > 1:  # budgeted counts may differ between DP ranks
+                    count = torch.tensor([n_micro], dtype=torch.long, device=g.device)
+                    dist.all_reduce(count, group=g.dp_group)
+                    n_micro = int(count)
+                else:
+                    n_micro *= g.dp_size
                 out = self.actor.train_mini_batch(mb, spec, temperature=temp, global_tokens=global_tokens,
                                                   global_seqs=float(len(all_rows)), paired=self.papo and live_or_exact,
-                                                  want_exact=cfg.algo.entropy_estimator == "exact")
+                                                  want_exact=cfg.algo.entropy_estimator == "exact", global_micro=n_micro)
                 if self.is_rank0 and m == 0 and cfg.check_invariants and "ppo_kl" in out and abs(out["ppo_kl"]) > 1e-5:
                     raise InvariantError(f"step {step}: PPO ratio != 1 on the first mini-batch (ppo_kl={out['ppo_kl']:.3g})")
                 self.skipped_updates += int(out.get("update_skipped", 0))
@@ -320,8 +329,10 @@ class Trainer:
             ref = per_token.get("ref_logprob")
             if ref is not None and step == 1:
                 vals[1] = (ref - old).abs()[mask].max() if mask.any() else 0.0
-            if g.dp_size > 1:
+            if g.dp_size > 1:  # on the collective's device (NCCL takes no host tensors)
+                vals = vals.to(g.device)
                 dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=g.dp_group)
+                vals = vals.cpu()
             out = {"rollout/logprob_gap": float(vals[0])}
             if ref is not None and step == 1:
                 out["check/actor_ref_gap"] = float(vals[1])

@@ -23,4 +23,7 @@ class OptimConfig:
     rollout_batch_size: int = field(384, help="prompts sampled per training step")
     global_batch_size: int = field(128, help="prompts per optimizer step (mini-batch)")
     micro_batch_size: int = field(4, help="responses per micro-batch per data-parallel rank")
+    micro_batch_tokens: int = field(0, help="token-budget micro-batching: rows of similar length together, at most "
+                                    "this many padded tokens (rows x longest row) per micro-batch; 0 = fixed "
+                                    "micro_batch_size rows. Not with pipeline parallelism (fixed shapes)")
     ppo_epochs: int = field(1, help="passes over each rollout batch")

@@ -123,6 +123,11 @@ def validate(cfg: Config) -> None:
     if r.placement == "colocated" and r.engine_base_gpu >= 0:
         raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} is for placement=separate; colocated engines "
                           "use the trainer's devices")
+    if o.micro_batch_tokens < 0:
+        raise ConfigError(f"optim.micro_batch_tokens={o.micro_batch_tokens} must be >= 0 (0 = fixed micro_batch_size)")
+    if o.micro_batch_tokens > 0 and cfg.parallel.pp > 1:
+        raise ConfigError("optim.micro_batch_tokens > 0 gives micro-batches of varying shape; pipeline parallelism "
+                          "(parallel.pp > 1) needs fixed ones: set optim.micro_batch_tokens=0")
     if not 0.0 <= o.cpu_offload_fraction <= 1.0:
         raise ConfigError(f"optim.cpu_offload_fraction={o.cpu_offload_fraction} must be in [0, 1]")
     if o.cpu_offload_fraction > 0 and not o.use_distributed_optimizer:

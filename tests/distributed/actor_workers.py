@@ -32,3 +32,66 @@ def dedupe_equals_naive(hf_dir: str) -> dict:
                       image_grid_thw=batch.image_grid_thw)
     return {"distinct_images": int(mb["image_grid_thw"].shape[0]), "slots": mb["image_index"].tolist(),
             "max_diff": float((deduped - naive).abs().max()), "scale": float(naive.abs().max())}
+
+
+def token_budget_update_equals_fixed(hf_dir: str) -> dict:
+    """One PAPO update of the same mini-batch (rows of lengths 1..12) through fixed 4-row micro-batches and
+    through token-budget micro-batches (length-sorted): the sum contract makes loss, grad norm and the updated
+    gradients agree element by element; the budgeted split must have fewer padded tokens. (Gradients, not the
+    updated weights: Adam's first step is lr * g / (|g| + eps), which turns 1e-9 rounding in near-zero gradients
+    into lr-sized differences.)"""
+    from transformers import AutoProcessor
+
+    from megatron_papo.actor import PolicyModel, StatsRequest, make_micro_batches
+    from megatron_papo.algos import LossSpec
+    from megatron_papo.config import load_config
+    from megatron_papo.data.collate import collate_rollouts, repeat_interleave
+    from megatron_papo.data.dataset import load_prompt_dataset
+    from megatron_papo.parallel import init_distributed
+    from megatron_papo.parallel.training import OptimSettings
+
+    cfg = load_config("tiny_cpu", ["data.synthetic_train_size=8"])
+    groups = init_distributed(cfg.parallel, seed=3)
+    proc = AutoProcessor.from_pretrained(hf_dir)
+    ds = load_prompt_dataset("synthetic", cfg.data, proc, "train")
+    samples = repeat_interleave([ds.encode(0), ds.encode(1), ds.encode(2)], 4)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 12, 3, 7, 2, 11, 5, 9, 4, 10, 6, 8]
+    responses = [torch.randint(10, 200, (n,), generator=gen).tolist() for n in lengths]
+    batch = collate_rollouts(samples, responses, proc.tokenizer.pad_token_id,
+                             aug_pixel_values=[s.pixel_values.flip(0) for s in samples])
+    batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in samples]
+    rows = list(range(len(samples)))
+    settings = OptimSettings(lr=1e-2, clip_grad=1e9)
+    spec = LossSpec(agg_mode="token_mean", kl_coef=0.01, use_kl_prcp=True, kl_prcp_coef=0.02)
+    widths = batch.attention_mask.sum(-1).tolist()
+    budget = int(max(widths)) * 3
+    out: dict = {"budget": budget}
+    for name, kw in (("fixed", {}), ("budget", {"token_budget": budget})):
+        actor = PolicyModel(cfg.model, groups, hf_dir, trainable=True, optim=settings)
+        init = torch.cat([p.detach().reshape(-1).clone() for p in actor.modules[0].parameters()])
+        probe = make_micro_batches(batch, rows, 4, with_aug=True, **kw)
+        old = torch.zeros(batch.input_ids.shape)
+        aug = torch.zeros(batch.input_ids.shape)
+        for mb, r_ori, r_aug in zip(probe, actor.token_stats(probe, StatsRequest("ori"), 1.0),
+                                    actor.token_stats(probe, StatsRequest("aug"), 1.0)):
+            old[mb["rows"], : r_ori["logprob"].shape[1]] = r_ori["logprob"]
+            aug[mb["rows"], : r_aug["logprob"].shape[1]] = r_aug["logprob"]
+        adv = torch.linspace(-1.0, 1.0, len(rows))
+        extra = {"old_logprob": old, "ref_logprob": old - 0.01, "aug_logprob": aug, "advantages": adv}
+        mbs = make_micro_batches(batch, rows, 4, extra=extra, with_aug=True, **kw)
+        res = actor.train_mini_batch(mbs, spec, temperature=1.0, global_tokens=float(batch.label_mask.sum()),
+                                     global_seqs=float(len(rows)), paired=False, want_exact=False)
+        out[name] = {"loss": res["loss/total"], "grad_norm": res["grad_norm"], "n_micro": len(mbs),
+                     "padded": sum(int(mb["input_ids"].numel()) for mb in mbs),
+                     "rows": sorted(r for mb in mbs for r in mb["rows"]),
+                     "max_tokens": max(int(mb["input_ids"].numel()) for mb in mbs),
+                     "old": old, "grads": torch.cat([getattr(p, "main_grad", p.grad).detach().reshape(-1).clone()
+                                                     for p in actor.modules[0].parameters()]),
+                     "init": init, "params": torch.cat([p.detach().reshape(-1) for p in actor.modules[0].parameters()])}
+    f, b = out["fixed"], out["budget"]
+    return {"budget": budget, "loss": (f["loss"], b["loss"]), "grad_norm": (f["grad_norm"], b["grad_norm"]),
+            "n_micro": (f["n_micro"], b["n_micro"]), "padded": (f["padded"], b["padded"]), "rows": b["rows"],
+            "max_tokens": b["max_tokens"], "old_diff": float((f["old"] - b["old"]).abs().max()),
+            "grad_diff": float((f["grads"] - b["grads"]).abs().max()), "grad_max": float(f["grads"].abs().max()),
+            "param_step": float((f["params"] - f["init"]).abs().max())}

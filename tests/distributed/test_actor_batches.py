@@ -13,3 +13,32 @@ def test_group_image_dedupe_is_exact(tiny_model_dir):
     (res,) = run_distributed("tests.distributed.actor_workers:dedupe_equals_naive", 1, {"hf_dir": str(tiny_model_dir)})
     assert res["distinct_images"] == 2 and res["slots"] == [0, 0, 0, 1, 1, 1]
     assert res["scale"] > 0.1 and res["max_diff"] <= 1e-6
+
+
+def test_split_by_tokens_respects_the_budget():
+    from megatron_papo.actor import split_by_tokens
+
+    lengths = [5, 40, 7, 40, 12, 3, 90, 20]
+    chunks = split_by_tokens(list(range(8)), lengths, 80)
+    assert sorted(r for c in chunks for r in c) == list(range(8))
+    assert chunks[0] == [6]  # longer than the budget: alone
+    for c in chunks:
+        assert len(c) == 1 or len(c) * max(lengths[r] for r in c) <= 80
+        assert [lengths[r] for r in c] == sorted((lengths[r] for r in c), reverse=True)
+    assert chunks[1] == [1, 3]  # equal lengths keep row order
+    with pytest.raises(ValueError, match="positive"):
+        split_by_tokens([0], [1], 0)
+
+
+def test_token_budget_update_equals_fixed_micro_batches(tiny_model_dir):
+    (res,) = run_distributed("tests.distributed.actor_workers:token_budget_update_equals_fixed", 1,
+                             {"hf_dir": str(tiny_model_dir)})
+    assert res["rows"] == list(range(12)) and res["max_tokens"] <= res["budget"]
+    assert res["n_micro"][1] != res["n_micro"][0] and res["padded"][1] < res["padded"][0]
+    assert res["old_diff"] <= 1e-6  # per-token log-probs do not depend on the micro-batch split
+    fl, bl = res["loss"]
+    assert abs(fl - bl) <= 1e-6 * max(1.0, abs(fl)), res["loss"]
+    fg, bg = res["grad_norm"]
+    assert fg > 0 and abs(fg - bg) <= 1e-5 * fg, res["grad_norm"]
+    assert res["param_step"] > 1e-4  # the update happened
+    assert res["grad_max"] > 0 and res["grad_diff"] <= 1e-6 * res["grad_max"], (res["grad_diff"], res["grad_max"])

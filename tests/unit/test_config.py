@@ -38,12 +38,19 @@ def test_overrides_and_types():
     ("rollout.engine_base_gpu=4", "is for placement=separate"),
     ("optim.cpu_offload_fraction=0.5", "needs optim.use_distributed_optimizer=true"),
     ("optim.cpu_offload_fraction=2", "must be in [0, 1]"),
+    ("optim.micro_batch_tokens=-1", "must be >= 0"),
 ])
 def test_bad_overrides_one_line(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_token_budget_needs_fixed_shapes_off():
+    with pytest.raises(ConfigError, match="pipeline parallelism"):
+        load_config(None, ["optim.micro_batch_tokens=4096", "parallel.pp=2"])
+    assert load_config(None, ["optim.micro_batch_tokens=4096", "parallel.tp=2"]).optim.micro_batch_tokens == 4096
 
 
 def test_engine_placement_checks():
