@@ -8,11 +8,13 @@ metrics are reduced there and sent to global rank 0 for logging.
 Micro-batch dicts (built by ``make_micro_batches``) hold ``input_ids, attention_mask, labels``
 (``-100`` outside the response), ``pixel_values(_aug), image_grid_thw``, per-row ``advantages`` and the
 per-token tensors of earlier phases (``old_logprob``, ``ref_logprob``, ``aug_logprob``), all ``[B, S]``.
+With sequence packing they also hold ``packed``: the one row the model runs on (``segment_ids`` marking the
+samples); the kernel's per-token outputs are moved back to the ``[B, S]`` layout before the loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from megatron_papo.algos import LossInputs, LossSpec, papo_loss
 from megatron_papo.data.collate import RolloutBatch
 from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore
-from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, token_stats
+from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, TokenStats, token_stats
 from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, wrap_ddp
 
@@ -52,11 +54,58 @@ def split_by_tokens(rows: list[int], lengths: list[int], budget: int) -> list[li
     return chunks
 
 
+def pack_by_tokens(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Sequence packing: first-fit decreasing of ``rows`` into bins of at most ``budget`` real tokens (a row
+    longer than the budget gets a bin of its own); each bin lists its rows in ascending row order."""
+    if budget <= 0:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for r in sorted(rows, key=lambda r: (-lengths[r], r)):
+        for i, free in enumerate(room):
+            if lengths[r] <= free:
+                bins[i].append(r)
+                room[i] -= lengths[r]
+                break
+        else:
+            bins.append([r])
+            room.append(budget - lengths[r])
+    return [sorted(b) for b in bins]
+
+
+def _packed_layout(lengths: list[int], width: int, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One packed row of right-padded rows (``[b, width]``, row i has ``lengths[i]`` real tokens): the model's
+    ``input_ids``/``segment_ids``/``labels`` ``[1, L]`` (L = sum of lengths) and the index pair that moves a
+    per-token tensor from the packed row back to the ``[b, width]`` layout (``unpack_tokens``)."""
+    src_rows = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)])
+    src_pos = torch.cat([torch.arange(n) for n in lengths])
+    return {
+        "input_ids": input_ids[src_rows, src_pos].unsqueeze(0),
+        "segment_ids": (src_rows + 1).unsqueeze(0),
+        "labels": labels[src_rows, src_pos].unsqueeze(0),
+        "unpack_dst": src_rows * width + src_pos,
+        "shape": torch.tensor([len(lengths), width]),
+    }
+
+
+def unpack_tokens(packed: torch.Tensor, layout: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A per-token tensor of a packed row (``[1, L]`` or ``[L]``) in the micro-batch's ``[b, width]`` layout
+    (zeros on padding); differentiable. Only per-token scalars move, never logits."""
+    b, w = (int(x) for x in layout["shape"])
+    flat = packed.reshape(-1)
+    out = flat.new_zeros(b * w).scatter(0, layout["unpack_dst"].to(flat.device), flat)
+    return out.view(b, w)
+
+
 def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *, extra: Optional[dict[str, torch.Tensor]] = None,
-                       with_aug: bool = False, fixed_shape: bool = False, token_budget: int = 0) -> list[dict[str, Any]]:
+                       with_aug: bool = False, fixed_shape: bool = False, token_budget: int = 0,
+                       pack: bool = False) -> list[dict[str, Any]]:
     """Split ``rows`` of a RolloutBatch into micro-batch dicts: ``micro_size`` rows each in order, or, with
     ``token_budget`` > 0, rows of similar length together, at most ``token_budget`` padded tokens per
-    micro-batch (:func:`split_by_tokens`; not with ``fixed_shape``).
+    micro-batch (:func:`split_by_tokens`; not with ``fixed_shape``). With ``pack`` (needs ``token_budget``)
+    the rows of a micro-batch are packed into one row of at most ``token_budget`` real tokens
+    (:func:`pack_by_tokens`): the dict then also holds ``packed`` (the model's input, ``segment_ids`` marking
+    the samples) while the per-token tensors keep the ``[b, width]`` layout that the loss reads.
 
     Rows of one group (same prompt) share their images: each micro-batch carries the pixels of every
     distinct image once, and ``image_index`` maps each image slot (in row order) to one of them, so the
@@ -66,6 +115,8 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     """
     if fixed_shape and token_budget > 0:
         raise ValueError("token-budget micro-batches have varying shapes; pipeline parallelism needs fixed ones")
+    if pack and token_budget <= 0:
+        raise ValueError("sequence packing needs a token budget (the packed row length)")
     if fixed_shape and len(rows) % micro_size:
         raise ValueError(f"pipeline parallelism needs equal micro-batches: {len(rows)} rows per rank are not a multiple of "
                          f"optim.micro_batch_size={micro_size}")
@@ -78,8 +129,11 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     for p in patches:
         patch_start.append(patch_start[-1] + p)
     group = batch.group_index.tolist() if getattr(batch, "group_index", None) is not None else list(range(len(imgs_per_row)))
-    if token_budget > 0:
-        chunks = split_by_tokens(rows, batch.attention_mask.sum(-1).tolist(), token_budget)
+    row_lens = batch.attention_mask.sum(-1).tolist()
+    if pack:
+        chunks = pack_by_tokens(rows, row_lens, token_budget)
+    elif token_budget > 0:
+        chunks = split_by_tokens(rows, row_lens, token_budget)
     else:
         chunks = [rows[i:i + micro_size] for i in range(0, len(rows), micro_size)]
     out = []
@@ -111,6 +165,8 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
         }
         if with_aug and batch.pixel_values_aug is not None and first_img:
             mb["pixel_values_aug"] = pix(batch.pixel_values_aug)
+        if pack:
+            mb["packed"] = _packed_layout([int(row_lens[r]) for r in sel], width, mb["input_ids"], labels)
         for key, val in (extra or {}).items():
             mb[key] = val[idx] if val.dim() == 1 else val[idx, :width]
         out.append(mb)
@@ -204,7 +260,7 @@ class PolicyModel:
 
         def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
             ban_logits_(logits, self.banned_ids, self.groups.tp_rank)
-            st = token_stats(logits, mb["labels"], tp_group, temperature=temperature, entropy=req.entropy)
+            st = _unpacked(mb, token_stats(logits, _fwd_labels(mb), tp_group, temperature=temperature, entropy=req.entropy))
             out = {"logprob": st.logprob}
             if req.entropy:
                 out["entropy"] = st.entropy
@@ -212,7 +268,7 @@ class PolicyModel:
 
         def fwd(data_it, model):
             mb = next(data_it)
-            inputs = dict(mb)
+            inputs = _model_inputs(mb)
             if req.view == "aug":
                 inputs["pixel_values"] = mb["pixel_values_aug"]
             return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
@@ -241,15 +297,16 @@ class PolicyModel:
             ban_logits_(logits, self.banned_ids, self.groups.tp_rank)
             labels = mb["labels"]
             mask = (labels != IGNORE_INDEX).long()
+            fwd_labels = _fwd_labels(mb)
             if paired:
-                B = labels.shape[0]
+                B = fwd_labels.shape[0]
                 ori, aug = logits[:B], logits[B:]
-                st = token_stats(ori, labels, tp_group, ref_logits=aug if live else aug.detach(), temperature=temperature,
-                                 entropy=want_exact, ref_entropy=want_exact, kl=spec.kl_prcp_estimator == "exact",
-                                 ref_requires_grad=live)
+                st = _unpacked(mb, token_stats(ori, fwd_labels, tp_group, ref_logits=aug if live else aug.detach(),
+                                               temperature=temperature, entropy=want_exact, ref_entropy=want_exact,
+                                               kl=spec.kl_prcp_estimator == "exact", ref_requires_grad=live))
                 aug_lp, aug_ent, kl = st.ref_logprob, st.ref_entropy, st.kl
             else:
-                st = token_stats(logits, labels, tp_group, temperature=temperature, entropy=want_exact)
+                st = _unpacked(mb, token_stats(logits, fwd_labels, tp_group, temperature=temperature, entropy=want_exact))
                 aug_lp, aug_ent, kl = mb.get("aug_logprob"), None, None
             inputs = LossInputs(
                 logprob=st.logprob, old_logprob=mb["old_logprob"], advantages=mb["advantages"], response_mask=mask,
@@ -263,9 +320,9 @@ class PolicyModel:
 
         def fwd(data_it, model):
             mb = next(data_it)
-            inputs = dict(mb)
+            inputs = _model_inputs(mb)
             if paired:
-                inputs = _pair_views(mb)
+                inputs = _pair_views(inputs)
             return forward_logits(model, inputs), lambda logits: loss_fn(mb, logits)
 
         for c in self.chunks:
@@ -301,14 +358,36 @@ class PolicyModel:
         return out
 
 
+def _model_inputs(mb: dict[str, Any]) -> dict[str, Any]:
+    """The model's inputs for a micro-batch: its padded rows, or its packed row when it has one."""
+    inputs = dict(mb)
+    if "packed" in mb:
+        inputs.update(input_ids=mb["packed"]["input_ids"], segment_ids=mb["packed"]["segment_ids"], attention_mask=None)
+    return inputs
+
+
+def _fwd_labels(mb: dict[str, Any]) -> torch.Tensor:
+    """Labels in the layout the model ran on (packed row or padded rows)."""
+    return mb["packed"]["labels"] if "packed" in mb else mb["labels"]
+
+
+def _unpacked(mb: dict[str, Any], st: TokenStats) -> TokenStats:
+    """``token_stats`` results of a packed row moved to the micro-batch's ``[b, width]`` layout."""
+    if "packed" not in mb:
+        return st
+    layout = mb["packed"]
+    return TokenStats(**{f.name: None if getattr(st, f.name) is None else unpack_tokens(getattr(st, f.name), layout)
+                         for f in fields(TokenStats)})
+
+
 def _pair_views(mb: dict[str, Any]) -> dict[str, Any]:
-    """Original and masked views of a micro-batch as one doubled batch (one forward for both)."""
+    """Original and masked views of a micro-batch's model inputs as one doubled batch (one forward for both)."""
     cat = lambda a: torch.cat([a, a]) if a is not None else None  # noqa: E731
     has_img = mb.get("pixel_values") is not None
     n_distinct = mb["image_grid_thw"].shape[0] if has_img else 0
     return {
-        "input_ids": cat(mb["input_ids"]), "attention_mask": cat(mb["attention_mask"]),
-        "image_grid_thw": cat(mb["image_grid_thw"]),
+        "input_ids": cat(mb["input_ids"]), "attention_mask": cat(mb.get("attention_mask")),
+        "segment_ids": cat(mb.get("segment_ids")), "image_grid_thw": cat(mb["image_grid_thw"]),
         "pixel_values": torch.cat([mb["pixel_values"], mb["pixel_values_aug"]]) if has_img else None,
         "image_index": torch.cat([mb["image_index"], mb["image_index"] + n_distinct]) if has_img else None,
     }
@@ -325,8 +404,8 @@ def _sum_metrics(results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 
 
 def _max_len(mbs: list[dict[str, Any]]) -> int:
-    return max(int(mb["input_ids"].shape[1]) for mb in mbs)
+    return max(int(_model_inputs(mb)["input_ids"].shape[1]) for mb in mbs)
 
 
 def _max_rows(mbs: list[dict[str, Any]]) -> int:
-    return max(int(mb["input_ids"].shape[0]) for mb in mbs)
+    return max(int(_model_inputs(mb)["input_ids"].shape[0]) for mb in mbs)

@@ -231,7 +231,9 @@ class Trainer:
         # ---- log-probs under theta_old (original and masked views) and the reference
         t = time.perf_counter()
         budget = cfg.optim.micro_batch_tokens
-        micro = make_micro_batches(batch, my_rows, mbs, with_aug=self.papo, fixed_shape=fixed, token_budget=budget)
+        pack = cfg.optim.pack_sequences
+        micro = make_micro_batches(batch, my_rows, mbs, with_aug=self.papo, fixed_shape=fixed, token_budget=budget,
+                                   pack=pack)
         per_token: dict[str, torch.Tensor] = {}
         per_token["old_logprob"] = self._gather_stats(self.actor, micro, batch, StatsRequest("ori"), temp)
         timing["old_logprob"] = time.perf_counter() - t
@@ -263,7 +265,7 @@ class Trainer:
                 all_rows = [d * per_dp + m * rows_per_mini + i for d in range(g.dp_size) for i in range(rows_per_mini)]
                 global_tokens = float(batch.label_mask[all_rows].sum())
                 mb = make_micro_batches(batch, rows, mbs, extra=extra_t, with_aug=self.papo, fixed_shape=fixed,
-                                        token_budget=budget)
+                                        token_budget=budget, pack=pack)
                 n_micro = len(mb)
                 if budget and g.dp_size > 1:  # budgeted counts may differ between DP ranks
                     count = torch.tensor([n_micro], dtype=torch.long, device=g.device)

@@ -128,6 +128,11 @@ def validate(cfg: Config) -> None:
     if o.micro_batch_tokens > 0 and cfg.parallel.pp > 1:
         raise ConfigError("optim.micro_batch_tokens > 0 gives micro-batches of varying shape; pipeline parallelism "
                           "(parallel.pp > 1) needs fixed ones: set optim.micro_batch_tokens=0")
+    if o.pack_sequences and o.micro_batch_tokens <= 0:
+        raise ConfigError("optim.pack_sequences=true needs optim.micro_batch_tokens > 0 (the packed row length)")
+    if o.pack_sequences and cfg.model.transformer_impl != "local":
+        raise ConfigError("optim.pack_sequences=true needs model.transformer_impl=local (packed attention with "
+                          "Transformer Engine's THD layout is not wired up)")
     if not 0.0 <= o.cpu_offload_fraction <= 1.0:
         raise ConfigError(f"optim.cpu_offload_fraction={o.cpu_offload_fraction} must be in [0, 1]")
     if o.cpu_offload_fraction > 0 and not o.use_distributed_optimizer:

@@ -63,11 +63,18 @@ def token_budget_update_equals_fixed(hf_dir: str) -> dict:
     batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in samples]
     rows = list(range(len(samples)))
     settings = OptimSettings(lr=1e-2, clip_grad=1e9)
-    spec = LossSpec(agg_mode="token_mean", kl_coef=0.01, use_kl_prcp=True, kl_prcp_coef=0.02)
     widths = batch.attention_mask.sum(-1).tolist()
     budget = int(max(widths)) * 3
     out: dict = {"budget": budget}
-    for name, kw in (("fixed", {}), ("budget", {"token_budget": budget})):
+    detached = LossSpec(agg_mode="token_mean", kl_coef=0.01, use_kl_prcp=True, kl_prcp_coef=0.02)
+    # paired views in one forward, live masked branch, exact KL and entropies: every token_stats output is used
+    paired = LossSpec(agg_mode="seq_mean_token_mean", kl_coef=0.01, use_kl_prcp=True, kl_prcp_coef=0.02,
+                      kl_prcp_estimator="exact", aug_mode="live", entropy_estimator="exact", ori_entropy_coef=0.01,
+                      aug_entropy_coef=0.01)
+    variants = (("fixed", {}, detached), ("budget", {"token_budget": budget}, detached),
+                ("packed", {"token_budget": budget, "pack": True}, detached),
+                ("fixed_paired", {}, paired), ("packed_paired", {"token_budget": budget, "pack": True}, paired))
+    for name, kw, spec in variants:
         actor = PolicyModel(cfg.model, groups, hf_dir, trainable=True, optim=settings)
         init = torch.cat([p.detach().reshape(-1).clone() for p in actor.modules[0].parameters()])
         probe = make_micro_batches(batch, rows, 4, with_aug=True, **kw)
@@ -81,17 +88,26 @@ def token_budget_update_equals_fixed(hf_dir: str) -> dict:
         extra = {"old_logprob": old, "ref_logprob": old - 0.01, "aug_logprob": aug, "advantages": adv}
         mbs = make_micro_batches(batch, rows, 4, extra=extra, with_aug=True, **kw)
         res = actor.train_mini_batch(mbs, spec, temperature=1.0, global_tokens=float(batch.label_mask.sum()),
-                                     global_seqs=float(len(rows)), paired=False, want_exact=False)
+                                     global_seqs=float(len(rows)), paired=spec is paired, want_exact=spec is paired)
+        model_ids = [mb["packed"]["input_ids"] if "packed" in mb else mb["input_ids"] for mb in mbs]
         out[name] = {"loss": res["loss/total"], "grad_norm": res["grad_norm"], "n_micro": len(mbs),
-                     "padded": sum(int(mb["input_ids"].numel()) for mb in mbs),
+                     "padded": sum(int(ids.numel()) for ids in model_ids),
+                     "metrics": res,
                      "rows": sorted(r for mb in mbs for r in mb["rows"]),
                      "max_tokens": max(int(mb["input_ids"].numel()) for mb in mbs),
                      "old": old, "grads": torch.cat([getattr(p, "main_grad", p.grad).detach().reshape(-1).clone()
                                                      for p in actor.modules[0].parameters()]),
                      "init": init, "params": torch.cat([p.detach().reshape(-1) for p in actor.modules[0].parameters()])}
     f, b = out["fixed"], out["budget"]
-    return {"budget": budget, "loss": (f["loss"], b["loss"]), "grad_norm": (f["grad_norm"], b["grad_norm"]),
-            "n_micro": (f["n_micro"], b["n_micro"]), "padded": (f["padded"], b["padded"]), "rows": b["rows"],
-            "max_tokens": b["max_tokens"], "old_diff": float((f["old"] - b["old"]).abs().max()),
-            "grad_diff": float((f["grads"] - b["grads"]).abs().max()), "grad_max": float(f["grads"].abs().max()),
-            "param_step": float((f["params"] - f["init"]).abs().max())}
+    res = {"budget": budget, "loss": (f["loss"], b["loss"]), "grad_norm": (f["grad_norm"], b["grad_norm"]),
+           "n_micro": (f["n_micro"], b["n_micro"]), "padded": (f["padded"], b["padded"]), "rows": b["rows"],
+           "max_tokens": b["max_tokens"], "old_diff": float((f["old"] - b["old"]).abs().max()),
+           "grad_diff": float((f["grads"] - b["grads"]).abs().max()), "grad_max": float(f["grads"].abs().max()),
+           "param_step": float((f["params"] - f["init"]).abs().max())}
+    for ref_name, name in (("fixed", "packed"), ("fixed_paired", "packed_paired")):
+        r, p = out[ref_name], out[name]
+        res[name] = {"n_micro": p["n_micro"], "rows": p["rows"], "packed_tokens": p["padded"], "ref_padded": r["padded"],
+                     "old_diff": float((r["old"] - p["old"]).abs().max()),
+                     "grad_diff": float((r["grads"] - p["grads"]).abs().max()), "grad_max": float(r["grads"].abs().max()),
+                     "metrics": {k: (r["metrics"][k], p["metrics"][k]) for k in r["metrics"]}}
+    return res

@@ -42,3 +42,26 @@ def test_token_budget_update_equals_fixed_micro_batches(tiny_model_dir):
     assert fg > 0 and abs(fg - bg) <= 1e-5 * fg, res["grad_norm"]
     assert res["param_step"] > 1e-4  # the update happened
     assert res["grad_max"] > 0 and res["grad_diff"] <= 1e-6 * res["grad_max"], (res["grad_diff"], res["grad_max"])
+    for name in ("packed", "packed_paired"):
+        p = res[name]
+        assert p["rows"] == list(range(12)) and p["packed_tokens"] < min(res["padded"]), (name, p)
+        assert p["n_micro"] < 12  # several samples share a packed row
+        assert p["old_diff"] <= 1e-6, (name, p["old_diff"])  # segment attention/positions = separate rows
+        for key, (ref, got) in p["metrics"].items():
+            assert abs(ref - got) <= 1e-5 * max(1.0, abs(ref)), (name, key, ref, got)
+        assert p["grad_max"] > 0 and p["grad_diff"] <= 1e-6 * p["grad_max"], (name, p["grad_diff"], p["grad_max"])
+    assert abs(res["packed_paired"]["metrics"]["loss/kl_prcp"][0]) > 0  # the paired variant exercised the KL path
+
+
+def test_pack_by_tokens_first_fit_decreasing():
+    from megatron_papo.actor import pack_by_tokens
+
+    lengths = [5, 40, 7, 40, 12, 3, 90, 20]
+    bins = pack_by_tokens(list(range(8)), lengths, 80)
+    assert sorted(r for b in bins for r in b) == list(range(8))
+    assert [6] in bins  # longer than the budget: alone
+    for b in bins:
+        assert b == sorted(b) and (len(b) == 1 or sum(lengths[r] for r in b) <= 80)
+    assert len(bins) == 3  # 90 | 40+40 | 20+12+7+5+3 (= 47)
+    with pytest.raises(ValueError, match="positive"):
+        pack_by_tokens([0], [1], 0)

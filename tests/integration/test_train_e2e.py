@@ -71,11 +71,13 @@ def test_short_run_metrics_tensorboard_and_engine_gap(tmp_path):
 
 
 @pytest.mark.distributed
-def test_tp2_pp2_and_token_budget_first_step_equal_single_process(tmp_path):
+def test_tp2_pp2_token_budget_and_packing_first_step_equal_single_process(tmp_path):
     extra = ["total_steps=1", "checkpoint.save_every=0", "eval_at_end=false"]
     ref = _train(tmp_path / "tp1", extra=extra)[0]
     for name, nproc, layout in (("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2", "optim.micro_batch_size=32"]),
-                                ("token_budget", 1, ["optim.micro_batch_tokens=4000"])):
+                                ("token_budget", 1, ["optim.micro_batch_tokens=4000"]),
+                                ("packed_tp2", 2, ["parallel.tp=2", "optim.micro_batch_tokens=1000",
+                                                   "optim.pack_sequences=true"])):
         got = _train(tmp_path / name, nproc=nproc, extra=extra + layout)[0]
         for k in LAYOUT_FREE:
             assert abs(got[k] - ref[k]) <= 1e-4 * max(1.0, abs(ref[k])), (name, k, got[k], ref[k])

@@ -39,6 +39,7 @@ def test_overrides_and_types():
     ("optim.cpu_offload_fraction=0.5", "needs optim.use_distributed_optimizer=true"),
     ("optim.cpu_offload_fraction=2", "must be in [0, 1]"),
     ("optim.micro_batch_tokens=-1", "must be >= 0"),
+    ("optim.pack_sequences=true", "needs optim.micro_batch_tokens > 0"),
 ])
 def test_bad_overrides_one_line(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -51,6 +52,10 @@ def test_token_budget_needs_fixed_shapes_off():
     with pytest.raises(ConfigError, match="pipeline parallelism"):
         load_config(None, ["optim.micro_batch_tokens=4096", "parallel.pp=2"])
     assert load_config(None, ["optim.micro_batch_tokens=4096", "parallel.tp=2"]).optim.micro_batch_tokens == 4096
+    with pytest.raises(ConfigError, match="transformer_impl=local"):
+        load_config(None, ["optim.micro_batch_tokens=4096", "optim.pack_sequences=true",
+                           "model.transformer_impl=transformer_engine"])
+    assert load_config(None, ["optim.micro_batch_tokens=4096", "optim.pack_sequences=true"]).optim.pack_sequences
 
 
 def test_engine_placement_checks():
