@@ -6,6 +6,7 @@ machine drift and warm-up hit all alike. Prints one JSON object: per variant the
 ``timing/*`` over the measured steps, and the ratios PAPO/GRPO of the median step time.
 
     .venv/bin/python tools/bench/train_step.py --steps 10 --warmup 2
+    .venv/bin/python tools/bench/train_step.py --variants papo_faithful papo_faithful_budget papo_faithful_packed
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ VARIANTS = {
     "papo_faithful": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=detached"],
     "papo_live": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=live", "algo.aug_entropy_coef=0.01"],
     "papo_exact_kl": ["algo.kl_prcp_coef=0.02", "algo.kl_prcp_estimator=exact"],
+    # micro-batch layouts of the faithful variant: length-bucketed padded rows vs packed rows of the same budget
+    "papo_faithful_budget": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=1024"],
+    "papo_faithful_packed": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=1024", "optim.pack_sequences=true"],
 }
+DEFAULT_VARIANTS = ["grpo", "papo_faithful", "papo_live", "papo_exact_kl"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=6, help="steps per variant (including warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="leading steps excluded from the means")
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every variant")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         engine.shutdown()
     base_t = out.get("grpo", {}).get("timing/step")
     ratios = {f"{k}/grpo": v["timing/step"] / base_t for k, v in out.items() if base_t and k != "grpo"}
+    faithful = out.get("papo_faithful", {})
+    for k in ("papo_faithful_budget", "papo_faithful_packed"):  # micro-batch layouts vs fixed micro_batch_size
+        if k in out and faithful:
+            for phase in ("timing/step", "timing/update", "timing/old_logprob"):
+                ratios[f"{k}/papo_faithful:{phase}"] = out[k][phase] / faithful[phase]
     print(json.dumps({"steps": args.steps, "warmup": args.warmup, "timing": out, "ratios": ratios}, indent=1))
     return 0
 
