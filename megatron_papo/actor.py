@@ -73,28 +73,39 @@ def pack_by_tokens(rows: list[int], lengths: list[int], budget: int) -> list[lis
     return [sorted(b) for b in bins]
 
 
-def _packed_layout(lengths: list[int], width: int, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One packed row of right-padded rows (``[b, width]``, row i has ``lengths[i]`` real tokens): the model's
-    ``input_ids``/``segment_ids``/``labels`` ``[1, L]`` (L = sum of lengths) and the index pair that moves a
-    per-token tensor from the packed row back to the ``[b, width]`` layout (``unpack_tokens``)."""
-    src_rows = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)])
-    src_pos = torch.cat([torch.arange(n) for n in lengths])
-    return {
-        "input_ids": input_ids[src_rows, src_pos].unsqueeze(0),
-        "segment_ids": (src_rows + 1).unsqueeze(0),
-        "labels": labels[src_rows, src_pos].unsqueeze(0),
-        "unpack_dst": src_rows * width + src_pos,
-        "shape": torch.tensor([len(lengths), width]),
-    }
+def _packed_layout(bins: list[list[int]], width: int, pack_width: int, input_ids: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Packed rows ``[R, pack_width]`` of a micro-batch's right-padded rows (``[b, width]``). ``bins[j]`` lists
+    the lengths of the samples packed into row j, samples numbered in order across the bins. Holds the model's
+    ``input_ids``/``segment_ids``/``labels`` (0 / 0 / ignored on padding) and the index pair that moves a
+    per-token tensor from the packed rows back to the ``[b, width]`` layout (:func:`unpack_tokens`)."""
+    n_rows = len(bins)
+    src, dst = [], []
+    seg = torch.zeros(n_rows, pack_width, dtype=torch.long)
+    sample = 0
+    for j, lens in enumerate(bins):
+        off = 0
+        for k, n in enumerate(lens):
+            src.append(torch.arange(n) + j * pack_width + off)
+            dst.append(torch.arange(n) + sample * width)
+            seg[j, off:off + n] = k + 1
+            off += n
+            sample += 1
+    src_t, dst_t = torch.cat(src), torch.cat(dst)
+    ids = torch.zeros(n_rows * pack_width, dtype=input_ids.dtype)
+    ids[src_t] = input_ids.reshape(-1)[dst_t]
+    lab = torch.full((n_rows * pack_width,), IGNORE_INDEX, dtype=labels.dtype)
+    lab[src_t] = labels.reshape(-1)[dst_t]
+    return {"input_ids": ids.view(n_rows, pack_width), "segment_ids": seg, "labels": lab.view(n_rows, pack_width),
+            "unpack_src": src_t, "unpack_dst": dst_t, "shape": torch.tensor([sample, width])}
 
 
 def unpack_tokens(packed: torch.Tensor, layout: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A per-token tensor of a packed row (``[1, L]`` or ``[L]``) in the micro-batch's ``[b, width]`` layout
-    (zeros on padding); differentiable. Only per-token scalars move, never logits."""
+    """A per-token tensor of packed rows (``[R, pack_width]``) in the micro-batch's ``[b, width]`` layout (zeros
+    on padding); differentiable. Only per-token scalars move, never logits."""
     b, w = (int(x) for x in layout["shape"])
-    flat = packed.reshape(-1)
-    out = flat.new_zeros(b * w).scatter(0, layout["unpack_dst"].to(flat.device), flat)
-    return out.view(b, w)
+    flat = packed.reshape(-1)[layout["unpack_src"].to(packed.device)]
+    return flat.new_zeros(b * w).scatter(0, layout["unpack_dst"].to(flat.device), flat).view(b, w)
 
 
 def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *, extra: Optional[dict[str, torch.Tensor]] = None,
@@ -103,9 +114,10 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     """Split ``rows`` of a RolloutBatch into micro-batch dicts: ``micro_size`` rows each in order, or, with
     ``token_budget`` > 0, rows of similar length together, at most ``token_budget`` padded tokens per
     micro-batch (:func:`split_by_tokens`; not with ``fixed_shape``). With ``pack`` (needs ``token_budget``)
-    the rows of a micro-batch are packed into one row of at most ``token_budget`` real tokens
-    (:func:`pack_by_tokens`): the dict then also holds ``packed`` (the model's input, ``segment_ids`` marking
-    the samples) while the per-token tensors keep the ``[b, width]`` layout that the loss reads.
+    the rows are packed (:func:`pack_by_tokens`) into rows as wide as the longest of them, so attention never
+    spans more than an unpacked row would, and each micro-batch takes as many packed rows as fit in
+    ``token_budget``: the dict then also holds ``packed`` (the model's input, ``segment_ids`` marking the
+    samples) while the per-token tensors keep the ``[b, width]`` layout that the loss reads.
 
     Rows of one group (same prompt) share their images: each micro-batch carries the pixels of every
     distinct image once, and ``image_index`` maps each image slot (in row order) to one of them, so the
@@ -130,14 +142,21 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
         patch_start.append(patch_start[-1] + p)
     group = batch.group_index.tolist() if getattr(batch, "group_index", None) is not None else list(range(len(imgs_per_row)))
     row_lens = batch.attention_mask.sum(-1).tolist()
+    bins_of: dict[int, list[list[int]]] = {}  # chunk -> its packed rows (as row lists)
     if pack:
-        chunks = pack_by_tokens(rows, row_lens, token_budget)
+        pack_width = int(max(row_lens[r] for r in rows))
+        bins = pack_by_tokens(rows, row_lens, pack_width)
+        per_micro = max(1, token_budget // pack_width)
+        chunks = []
+        for i in range(0, len(bins), per_micro):
+            bins_of[len(chunks)] = bins[i:i + per_micro]
+            chunks.append([r for b in bins[i:i + per_micro] for r in b])
     elif token_budget > 0:
         chunks = split_by_tokens(rows, row_lens, token_budget)
     else:
         chunks = [rows[i:i + micro_size] for i in range(0, len(rows), micro_size)]
     out = []
-    for sel in chunks:
+    for c, sel in enumerate(chunks):
         idx = torch.tensor(sel)
         width = batch.input_ids.shape[1] if fixed_shape else int(batch.attention_mask[idx].sum(-1).max().item())
         labels = batch.labels[idx, :width].clone()
@@ -166,7 +185,8 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
         if with_aug and batch.pixel_values_aug is not None and first_img:
             mb["pixel_values_aug"] = pix(batch.pixel_values_aug)
         if pack:
-            mb["packed"] = _packed_layout([int(row_lens[r]) for r in sel], width, mb["input_ids"], labels)
+            mb["packed"] = _packed_layout([[int(row_lens[r]) for r in b] for b in bins_of[c]], width, pack_width,
+                                          mb["input_ids"], labels)
         for key, val in (extra or {}).items():
             mb[key] = val[idx] if val.dim() == 1 else val[idx, :width]
         out.append(mb)

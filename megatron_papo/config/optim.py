@@ -26,7 +26,7 @@ class OptimConfig:
     micro_batch_tokens: int = field(0, help="token-budget micro-batching: rows of similar length together, at most "
                                     "this many padded tokens (rows x longest row) per micro-batch; 0 = fixed "
                                     "micro_batch_size rows. Not with pipeline parallelism (fixed shapes)")
-    pack_sequences: bool = field(False, help="pack the responses of a micro-batch into one row of at most "
-                                 "micro_batch_tokens real tokens (segment-causal attention, per-sample M-RoPE; "
-                                 "no padding); needs micro_batch_tokens > 0 and model.transformer_impl=local")
+    pack_sequences: bool = field(False, help="pack responses side by side into rows as wide as the longest row, "
+                                 "micro_batch_tokens per micro-batch (segment-causal attention, per-sample M-RoPE); "
+                                 "needs micro_batch_tokens > 0 and model.transformer_impl=local")
     ppo_epochs: int = field(1, help="passes over each rollout batch")

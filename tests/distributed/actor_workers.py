@@ -35,7 +35,7 @@ def dedupe_equals_naive(hf_dir: str) -> dict:
 
 
 def token_budget_update_equals_fixed(hf_dir: str) -> dict:
-    """One PAPO update of the same mini-batch (rows of lengths 1..12) through fixed 4-row micro-batches and
+    """One PAPO update of the same mini-batch (rows of uneven lengths) through fixed 4-row micro-batches and
     through token-budget micro-batches (length-sorted): the sum contract makes loss, grad norm and the updated
     gradients agree element by element; the budgeted split must have fewer padded tokens. (Gradients, not the
     updated weights: Adam's first step is lr * g / (|g| + eps), which turns 1e-9 rounding in near-zero gradients
@@ -56,7 +56,7 @@ def token_budget_update_equals_fixed(hf_dir: str) -> dict:
     ds = load_prompt_dataset("synthetic", cfg.data, proc, "train")
     samples = repeat_interleave([ds.encode(0), ds.encode(1), ds.encode(2)], 4)
     gen = torch.Generator().manual_seed(0)
-    lengths = [1, 12, 3, 7, 2, 11, 5, 9, 4, 10, 6, 8]
+    lengths = [1, 60, 3, 7, 2, 11, 5, 9, 4, 10, 6, 8]  # one long response: the others pack in pairs beside it
     responses = [torch.randint(10, 200, (n,), generator=gen).tolist() for n in lengths]
     batch = collate_rollouts(samples, responses, proc.tokenizer.pad_token_id,
                              aug_pixel_values=[s.pixel_values.flip(0) for s in samples])
@@ -64,7 +64,7 @@ def token_budget_update_equals_fixed(hf_dir: str) -> dict:
     rows = list(range(len(samples)))
     settings = OptimSettings(lr=1e-2, clip_grad=1e9)
     widths = batch.attention_mask.sum(-1).tolist()
-    budget = int(max(widths)) * 3
+    budget = int(max(widths)) * 2
     out: dict = {"budget": budget}
     detached = LossSpec(agg_mode="token_mean", kl_coef=0.01, use_kl_prcp=True, kl_prcp_coef=0.02)
     # paired views in one forward, live masked branch, exact KL and entropies: every token_stats output is used
@@ -92,7 +92,7 @@ def token_budget_update_equals_fixed(hf_dir: str) -> dict:
         model_ids = [mb["packed"]["input_ids"] if "packed" in mb else mb["input_ids"] for mb in mbs]
         out[name] = {"loss": res["loss/total"], "grad_norm": res["grad_norm"], "n_micro": len(mbs),
                      "padded": sum(int(ids.numel()) for ids in model_ids),
-                     "metrics": res,
+                     "metrics": res, "packed_rows": sum(int(ids.shape[0]) for ids in model_ids),
                      "rows": sorted(r for mb in mbs for r in mb["rows"]),
                      "max_tokens": max(int(mb["input_ids"].numel()) for mb in mbs),
                      "old": old, "grads": torch.cat([getattr(p, "main_grad", p.grad).detach().reshape(-1).clone()
@@ -107,6 +107,7 @@ def token_budget_update_equals_fixed(hf_dir: str) -> dict:
     for ref_name, name in (("fixed", "packed"), ("fixed_paired", "packed_paired")):
         r, p = out[ref_name], out[name]
         res[name] = {"n_micro": p["n_micro"], "rows": p["rows"], "packed_tokens": p["padded"], "ref_padded": r["padded"],
+                     "packed_rows": p["packed_rows"],
                      "old_diff": float((r["old"] - p["old"]).abs().max()),
                      "grad_diff": float((r["grads"] - p["grads"]).abs().max()), "grad_max": float(r["grads"].abs().max()),
                      "metrics": {k: (r["metrics"][k], p["metrics"][k]) for k in r["metrics"]}}

@@ -24,9 +24,10 @@ VARIANTS = {
     "papo_faithful": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=detached"],
     "papo_live": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=live", "algo.aug_entropy_coef=0.01"],
     "papo_exact_kl": ["algo.kl_prcp_coef=0.02", "algo.kl_prcp_estimator=exact"],
-    # micro-batch layouts of the faithful variant: length-bucketed padded rows vs packed rows of the same budget
-    "papo_faithful_budget": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=1024"],
-    "papo_faithful_packed": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=1024", "optim.pack_sequences=true"],
+    # micro-batch layouts of the faithful variant at the fixed layout's size (64 rows x ~46 tokens): length-bucketed
+    # padded rows vs packed rows (dense [L, L] segment mask on the local layers)
+    "papo_faithful_budget": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=3072"],
+    "papo_faithful_packed": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=3072", "optim.pack_sequences=true"],
 }
 DEFAULT_VARIANTS = ["grpo", "papo_faithful", "papo_live", "papo_exact_kl"]
 
