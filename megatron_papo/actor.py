@@ -128,7 +128,7 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     if fixed_shape and token_budget > 0:
         raise ValueError("token-budget micro-batches have varying shapes; pipeline parallelism needs fixed ones")
     if pack and token_budget <= 0:
-        raise ValueError("sequence packing needs a token budget (the packed row length)")
+        raise ValueError("sequence packing needs a token budget (tokens per micro-batch of packed rows)")
     if fixed_shape and len(rows) % micro_size:
         raise ValueError(f"pipeline parallelism needs equal micro-batches: {len(rows)} rows per rank are not a multiple of "
                          f"optim.micro_batch_size={micro_size}")
