@@ -8,7 +8,7 @@ metrics are reduced there and sent to global rank 0 for logging.
 Micro-batch dicts (built by ``make_micro_batches``) hold ``input_ids, attention_mask, labels``
 (``-100`` outside the response), ``pixel_values(_aug), image_grid_thw``, per-row ``advantages`` and the
 per-token tensors of earlier phases (``old_logprob``, ``ref_logprob``, ``aug_logprob``), all ``[B, S]``.
-With sequence packing they also hold ``packed``: the one row the model runs on (``segment_ids`` marking the
+With sequence packing they also hold ``packed``: the rows the model runs on (``segment_ids`` marking the
 samples); the kernel's per-token outputs are moved back to the ``[B, S]`` layout before the loss.
 """
 
@@ -54,11 +54,11 @@ def split_by_tokens(rows: list[int], lengths: list[int], budget: int) -> list[li
     return chunks
 
 
-def pack_by_tokens(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
-    """Sequence packing: first-fit decreasing of ``rows`` into bins of at most ``budget`` real tokens (a row
-    longer than the budget gets a bin of its own); each bin lists its rows in ascending row order."""
-    if budget <= 0:
-        raise ValueError(f"token budget must be positive, got {budget}")
+def pack_by_tokens(rows: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sequence packing: first-fit decreasing of ``rows`` into bins of at most ``capacity`` real tokens (a row
+    longer than that gets a bin of its own); each bin lists its rows in ascending row order."""
+    if capacity <= 0:
+        raise ValueError(f"packing capacity must be positive, got {capacity}")
     bins: list[list[int]] = []
     room: list[int] = []
     for r in sorted(rows, key=lambda r: (-lengths[r], r)):
@@ -69,7 +69,7 @@ def pack_by_tokens(rows: list[int], lengths: list[int], budget: int) -> list[lis
                 break
         else:
             bins.append([r])
-            room.append(budget - lengths[r])
+            room.append(capacity - lengths[r])
     return [sorted(b) for b in bins]
 
 
@@ -142,15 +142,13 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
         patch_start.append(patch_start[-1] + p)
     group = batch.group_index.tolist() if getattr(batch, "group_index", None) is not None else list(range(len(imgs_per_row)))
     row_lens = batch.attention_mask.sum(-1).tolist()
-    bins_of: dict[int, list[list[int]]] = {}  # chunk -> its packed rows (as row lists)
+    chunk_bins: list[list[list[int]]] = []  # with packing: each chunk's packed rows (as row lists)
     if pack:
         pack_width = int(max(row_lens[r] for r in rows))
         bins = pack_by_tokens(rows, row_lens, pack_width)
         per_micro = max(1, token_budget // pack_width)
-        chunks = []
-        for i in range(0, len(bins), per_micro):
-            bins_of[len(chunks)] = bins[i:i + per_micro]
-            chunks.append([r for b in bins[i:i + per_micro] for r in b])
+        chunk_bins = [bins[i:i + per_micro] for i in range(0, len(bins), per_micro)]
+        chunks = [[r for b in cb for r in b] for cb in chunk_bins]
     elif token_budget > 0:
         chunks = split_by_tokens(rows, row_lens, token_budget)
     else:
@@ -185,7 +183,7 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
         if with_aug and batch.pixel_values_aug is not None and first_img:
             mb["pixel_values_aug"] = pix(batch.pixel_values_aug)
         if pack:
-            mb["packed"] = _packed_layout([[int(row_lens[r]) for r in b] for b in bins_of[c]], width, pack_width,
+            mb["packed"] = _packed_layout([[int(row_lens[r]) for r in b] for b in chunk_bins[c]], width, pack_width,
                                           mb["input_ids"], labels)
         for key, val in (extra or {}).items():
             mb[key] = val[idx] if val.dim() == 1 else val[idx, :width]

@@ -129,7 +129,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.micro_batch_tokens > 0 gives micro-batches of varying shape; pipeline parallelism "
                           "(parallel.pp > 1) needs fixed ones: set optim.micro_batch_tokens=0")
     if o.pack_sequences and o.micro_batch_tokens <= 0:
-        raise ConfigError("optim.pack_sequences=true needs optim.micro_batch_tokens > 0 (the packed row length)")
+        raise ConfigError("optim.pack_sequences=true needs optim.micro_batch_tokens > 0 (tokens per micro-batch of packed rows)")
     if o.pack_sequences and cfg.model.transformer_impl != "local":
         raise ConfigError("optim.pack_sequences=true needs model.transformer_impl=local (packed attention with "
                           "Transformer Engine's THD layout is not wired up)")
