@@ -191,6 +191,20 @@ def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *,
     return out
 
 
+def gather_token_stats(results: list[dict[str, torch.Tensor]], micro_batches: list[dict[str, Any]],
+                       shape: torch.Size, key: str = "logprob") -> Optional[torch.Tensor]:
+    """The per-token ``key`` of every micro-batch's rows in one host tensor ``shape`` (``[B, S]``, zeros on
+    rows this rank does not hold and past each micro-batch's width); None when there are no results (not the
+    last pipeline stage)."""
+    if not results:
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for mb, r in zip(micro_batches, results):
+        v = r[key]
+        out[mb["rows"], : v.shape[1]] = v
+    return out
+
+
 def _images_per_row(batch: RolloutBatch) -> list[int]:
     """Images of each row, read from the image-pad runs is unnecessary: rows carry equal grids per group."""
     counts = getattr(batch, "images_per_row", None)
