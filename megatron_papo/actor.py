@@ -15,7 +15,7 @@ samples); the kernel's per-token outputs are moved back to the ``[B, S]`` layout
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf
 from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, TokenStats, token_stats
 from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, wrap_ddp
+from megatron_papo.utils.device import to_device, to_host
 
 PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "aug_logprob")
 
@@ -104,8 +105,8 @@ def unpack_tokens(packed: torch.Tensor, layout: dict[str, torch.Tensor]) -> torc
     """A per-token tensor of packed rows (``[R, pack_width]``) in the micro-batch's ``[b, width]`` layout (zeros
     on padding); differentiable. Only per-token scalars move, never logits."""
     b, w = (int(x) for x in layout["shape"])
-    flat = packed.reshape(-1)[layout["unpack_src"].to(packed.device)]
-    return flat.new_zeros(b * w).scatter(0, layout["unpack_dst"].to(flat.device), flat).view(b, w)
+    flat = packed.reshape(-1)[layout["unpack_src"]]
+    return flat.new_zeros(b * w).scatter(0, layout["unpack_dst"], flat).view(b, w)
 
 
 def make_micro_batches(batch: RolloutBatch, rows: list[int], micro_size: int, *, extra: Optional[dict[str, torch.Tensor]] = None,
@@ -307,10 +308,15 @@ class PolicyModel:
 
         for c in self.chunks:
             c.eval()
-        res = forward_backward(self.chunks, fwd, iter(micro_batches), len(micro_batches), self.groups,
+        res = forward_backward(self.chunks, fwd, self._on_device(micro_batches), len(micro_batches), self.groups,
                                seq_length=_max_len(micro_batches), micro_batch_size=_max_rows(micro_batches),
                                forward_only=True)
-        return res if self.groups.is_last_stage else []
+        return to_host(res) if self.groups.is_last_stage else []
+
+    def _on_device(self, micro_batches: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The schedule's data iterator: each host micro-batch moved to the model's device as it is consumed
+        (the one host-to-device move of the training data; one micro-batch on the device at a time)."""
+        return (to_device(mb, self.groups.device) for mb in micro_batches)
 
     # ------------------------------------------------------------------ update
     def train_mini_batch(self, micro_batches: list[dict[str, Any]], spec: LossSpec, *, temperature: float,
@@ -363,7 +369,8 @@ class PolicyModel:
         self.optimizer.zero_grad()
         width = _max_len(micro_batches)
         rows = _max_rows(micro_batches) * (2 if paired else 1)
-        res = forward_backward(self.chunks, fwd, iter(micro_batches), n_micro, groups, seq_length=width, micro_batch_size=rows)
+        res = forward_backward(self.chunks, fwd, self._on_device(micro_batches), n_micro, groups, seq_length=width,
+                               micro_batch_size=rows)
         updated, grad_norm, _ = self.optimizer.step()
         metrics = _sum_metrics(res) if groups.is_last_stage else {}
         metrics = self._reduce_metrics(metrics)

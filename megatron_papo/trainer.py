@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_papo.actor import PolicyModel, StatsRequest, make_micro_batches
+from megatron_papo.actor import PolicyModel, StatsRequest, gather_token_stats, make_micro_batches
 from megatron_papo.algos import LossSpec, compute_advantages
 from megatron_papo.algos.dapo import fill_batch
 from megatron_papo.checkpoint.dist import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -301,15 +301,8 @@ class Trainer:
 
     def _gather_stats(self, model: PolicyModel, micro: list[dict[str, Any]], batch: Any, req: StatsRequest,
                       temperature: float) -> Optional[torch.Tensor]:
-        """Per-token log-probs ``[B, S]`` for this rank's rows (last stage; None elsewhere)."""
-        res = model.token_stats(micro, req, temperature)
-        if not res:
-            return None
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        for mb, r in zip(micro, res):
-            lp = r["logprob"]
-            out[mb["rows"], : lp.shape[1]] = lp
-        return out
+        """Per-token log-probs ``[B, S]`` on the host for this rank's rows (last stage; None elsewhere)."""
+        return gather_token_stats(model.token_stats(micro, req, temperature), micro, batch.input_ids.shape)
 
     def _logprob_checks(self, step: int, groups: list[Group], batch: Any, per_token: dict[str, Optional[torch.Tensor]],
                         my_rows: list[int]) -> dict[str, float]:

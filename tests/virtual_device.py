@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 VIRTUAL = torch.device("meta")
@@ -60,6 +61,18 @@ class VirtualTensor(torch.Tensor):
                                                 device=VIRTUAL, requires_grad=inner.requires_grad)
         r.inner = inner
         return r
+
+    @property
+    def data(self) -> torch.Tensor:
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        """``t.data = other`` (mcore's ``make_viewless_tensor``, DDP buffers): take the other's values too."""
+        if not isinstance(value, VirtualTensor):
+            raise DeviceMismatchError("t.data = <host tensor> on a device tensor (a CUDA run moves it off the device)")
+        torch._C.TensorBase.data.__set__(self, value)
+        self.inner = value.inner
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"VirtualTensor({self.inner!r})"
@@ -138,6 +151,12 @@ class VirtualDeviceMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(args[0], VirtualTensor):
             return _CUDA_TYPE.get(args[0].dtype, "torch.cuda.Tensor")
+        if func in (torch.tensor, torch.as_tensor) and args:  # values of device scalars are read (a sync on CUDA)
+            args = (tree_map(lambda t: t.inner if isinstance(t, VirtualTensor) else t, args[0]), *args[1:])
+        if func is torch.Tensor.tolist and isinstance(args[0], VirtualTensor):
+            return args[0].inner.tolist()  # a device -> host sync, as on CUDA
+        if func is torch.Tensor.numpy and isinstance(args[0], VirtualTensor):
+            raise DeviceMismatchError("Tensor.numpy() of a device tensor (CUDA refuses it: call .cpu() first)")
         if func is torch.Tensor.cuda:
             return to_virtual(args[0])
         if func is torch.Tensor.to:
@@ -160,18 +179,55 @@ class VirtualDeviceMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class VirtualFactoryMode(TorchDispatchMode):
+    """Factory ops issued below the Python API (inside composite ops such as SDPA's math path, which take the
+    device of their inputs) would make real, empty ``meta`` tensors: create them on the CPU and wrap them."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and _is_virtual(dev) and func is not aten._to_copy.default:
+            out = func(*args, **{**kwargs, "device": torch.device("cpu")})
+            return tree_map(lambda t: VirtualTensor(t) if isinstance(t, torch.Tensor) else t, out)
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def virtual_device(patch_cuda: bool = True) -> Iterator[torch.device]:
     """Run the block with the virtual device active; ``torch.cuda.current_device()`` answers index 0 (what
     mcore allocates on) inside. Yields the device to put in ``ParallelGroups.device``."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
     saved = torch.cuda.current_device
+    names = ("isend", "irecv", "send", "recv", "batch_isend_irecv")
+    p2p = {name: getattr(c10d, name) for name in names}
     if patch_cuda:
         torch.cuda.current_device = lambda: 0  # type: ignore[assignment]
+    # point-to-point calls pick their backend from the tensor's device before dispatch: hand them the CPU
+    # storage behind a virtual tensor (a receive writes into it, so the wrapper sees the data). Patched in both
+    # namespaces: P2POp checks its op against c10d's own isend/irecv.
+    patched = {name: _p2p_on_inner(p2p[name]) for name in names[:4]}
+    patched["batch_isend_irecv"] = lambda ops: p2p["batch_isend_irecv"](
+        [dist.P2POp(op.op, _unwrap(op.tensor), op.peer, op.group, op.tag) for op in ops])
+    for name, fn in patched.items():
+        setattr(dist, name, fn)
+        setattr(c10d, name, fn)
     try:
-        with VirtualDeviceMode():
+        with VirtualDeviceMode(), VirtualFactoryMode():
             yield VIRTUAL
     finally:
         torch.cuda.current_device = saved  # type: ignore[assignment]
+        for name, fn in p2p.items():
+            setattr(dist, name, fn)
+            setattr(c10d, name, fn)
+
+
+def _p2p_on_inner(fn: Callable) -> Callable:
+    def call(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return fn(_unwrap(tensor), *args, **kwargs)
+
+    return call
 
 
 def is_virtual(t: Any) -> bool:

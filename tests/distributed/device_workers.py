@@ -8,6 +8,11 @@ import dataclasses
 import torch
 
 
+def cpu_and_virtual(hf_dir: str, pp: int = 1, tp: int = 1) -> dict:
+    """:func:`actor_step` on CPU parameters, then on the virtual device, in one process."""
+    return {"cpu": actor_step(hf_dir, False, pp, tp), "dev": actor_step(hf_dir, True, pp, tp)}
+
+
 def actor_step(hf_dir: str, virtual: bool, pp: int = 1, tp: int = 1) -> dict:
     """A forward-only stats pass (original and masked views), the trainer's per-token gather, and one PAPO
     ``train_mini_batch`` (paired live views + exact KL/entropies, so every kernel output is used), with the
@@ -41,6 +46,7 @@ def actor_step(hf_dir: str, virtual: bool, pp: int = 1, tp: int = 1) -> dict:
         g = dataclasses.replace(groups, device=device)
         actor = PolicyModel(cfg.model, g, hf_dir, trainable=True, optim=OptimSettings(lr=1e-2))
         params = list(actor.modules[0].parameters())
+        before = [p.detach().clone() for p in params]
         out["params_on_device"] = all(is_virtual(p) for p in params) if virtual else None
         micro = make_micro_batches(batch, rows, 2, with_aug=True)
         old = gather_token_stats(actor.token_stats(micro, StatsRequest("ori"), 1.0), micro, batch.input_ids.shape)
@@ -56,7 +62,7 @@ def actor_step(hf_dir: str, virtual: bool, pp: int = 1, tp: int = 1) -> dict:
                                      global_seqs=float(len(rows)), paired=True, want_exact=True)
         out["metrics"] = res
         out["old"] = old.tolist() if old is not None else None
-        out["param_sum"] = float(sum(p.detach().double().sum() for p in params))
+        out["param_step"] = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before))
         if virtual and g.is_first_stage:  # the harness is not vacuous: a host batch at the model trips it
             from megatron_papo.models.qwen2_5_vl import forward_logits
 

@@ -76,7 +76,9 @@ def build_model(model_cfg: Any = None, pg: Any = None, *, hf_dir: Optional[str |
     vis_cfg = vision_transformer_config(arch, tp=tp, dtype=dtype, use_cpu_init=use_cpu_init, extra=vis_extra)
     pre = pp_rank == 0 if pre_process is None else pre_process
     post = pp_rank == pp - 1 if post_process is None else post_process
-    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    # mcore's parallel layers place their weights on torch.cuda.current_device() themselves; plain torch modules
+    # (RMSNorm, the vision patch Conv3d, rotary buffers) follow the default device, so build under the target one
+    ctx = torch.device("meta") if meta else (contextlib.nullcontext() if use_cpu_init else torch.device(device))
     with ctx:
         model = Qwen25VLModel(arch, lm_cfg, vis_cfg, lm_layer_spec(model_cfg.transformer_impl),
                               vision_layer_spec(model_cfg.transformer_impl), pre_process=pre, post_process=post,
