@@ -259,6 +259,9 @@ class PolicyModel:
             self.chunks = [model]
             self.optimizer = None
         self.config = model.config
+        #: sequence-length multiple of the model (see ``seq_len_multiple``); batches padded to it keep pipeline
+        #: shapes fixed (the model pads trimmed micro-batches itself and cuts the logits back)
+        self.seq_multiple = model.seq_multiple
 
     def move_to(self, device: torch.device) -> None:
         """Move a frozen model's parameters and buffers (reference offload between its passes); the actor's

@@ -214,8 +214,8 @@ class Trainer:
         rows_samples = repeat_interleave([gr.sample for gr in groups], cfg.rollout.n)
         responses = [ids for gr in groups for ids in gr.response_ids]
         aug = repeat_interleave([gr.aug_pixel_values for gr in groups], cfg.rollout.n) if self.papo else None
-        pad_to = g.tp_size if cfg.parallel.sequence_parallel else 1
-        batch = collate_rollouts(rows_samples, responses, self.pad_id, aug_pixel_values=aug, pad_to_multiple_of=pad_to)
+        batch = collate_rollouts(rows_samples, responses, self.pad_id, aug_pixel_values=aug,
+                                 pad_to_multiple_of=self.actor.seq_multiple)
         batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in rows_samples]
         scores = torch.tensor([s for gr in groups for s in gr.scores], dtype=torch.float32)
         adv = compute_advantages(cfg.algo.adv_estimator, scores, batch.group_index)  # not uids: a DAPO refill may repeat a prompt

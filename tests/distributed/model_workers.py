@@ -218,3 +218,30 @@ def recompute_check(hf_dir: str, tp: int) -> dict[str, float]:
         out[f"{mode}_logp"] = float((runs[mode][0] - runs["none"][0]).abs().max())
         out[f"{mode}_grad"] = max(float((runs[mode][1][n] - g).abs().max()) for n, g in runs["none"][1].items())
     return out
+
+
+def fp8_padding_is_invisible(hf_dir: str, tp: int = 1, sp: bool = False) -> dict[str, Any]:
+    """Log-probs of an odd-length batch with the model's own sequence multiple and with the FP8 one (x16): the
+    language model must see an aligned length, and the log-probs must not change (padding cut from the logits).
+    The FP8 multiple is set on the built model (local layers cannot run FP8 on CPU; ``seq_len_multiple`` gives it
+    from the config, tested separately)."""
+    from transformers import AutoProcessor
+
+    from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore, parity
+    from megatron_papo.models.qwen2_5_vl.model import seq_len_multiple
+
+    pg = _setup(tp, 1, sp)
+    model = build_model(None, pg, hf_dir=hf_dir, sequence_parallel=sp)
+    load_hf_into_mcore([model], hf_dir)
+    batch = parity.make_batch(AutoProcessor.from_pretrained(hf_dir), parity.builtin_samples(), "right")
+    seen: list[int] = []
+    model.language_model.decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(int(kwargs["hidden_states"].shape[0]) * (tp if sp else 1)),
+        with_kwargs=True)
+    base_multiple = model.seq_multiple
+    base = parity.mcore_token_logprobs([model], batch, pg)
+    model.seq_multiple = seq_len_multiple(tp, sp, fp8=True)
+    fp8 = parity.mcore_token_logprobs([model], batch, pg)
+    mask = parity.token_mask(batch)
+    return {"seq_len": int(batch["input_ids"].shape[1]), "base_multiple": base_multiple, "fp8_multiple": model.seq_multiple,
+            "lm_lengths": seen, "max_diff": float((base - fp8).abs()[mask].max()), "tokens": int(mask.sum())}

@@ -6,8 +6,9 @@ the vocabulary) and the hidden states ``[S, B, H]`` to send on other stages. On 
 image features are scattered into the ``<|image_pad|>`` positions (row-major over the batch, like
 transformers). Padded batches: ``attention_mask`` ``[B, S]`` (1 = token, 0 = pad, anywhere in the
 row) becomes a causal+padding mask; M-RoPE positions skip the padding (with Transformer Engine
-layers, GPU only: right padding only, plain causal attention). With sequence parallelism the
-sequence is right-padded to a multiple of TP inside the forward and the logits are cut back.
+layers, GPU only: right padding only, plain causal attention). The sequence is right-padded inside
+the forward to :func:`seq_len_multiple` (TP under sequence parallelism, x16 with FP8) and the logits
+are cut back, so the padding never reaches the loss.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def causal_padding_mask(attention_mask: Optional[torch.Tensor], seq_len: int) ->
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep.device).tril()
     allowed = causal[None] & keep[:, None, :]
     return (~allowed).unsqueeze(1)
+
+
+def seq_len_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """The multiple the language model's sequence length is padded to inside :meth:`Qwen25VLModel.forward`.
+
+    Sequence parallelism splits the sequence over TP ranks (a multiple of TP). Transformer Engine's FP8 GEMMs
+    need the product of the leading dims divisible by 8 and the last dim by 16; 16 tokens per sequence (per TP
+    shard under SP, where the FP8 cast runs on the local shard) keeps every such product aligned for any batch.
+    """
+    m = tp if sequence_parallel and tp > 1 else 1
+    return m * 16 if fp8 else m
 
 
 class Qwen25VLModel(torch.nn.Module):
@@ -69,6 +81,9 @@ class Qwen25VLModel(torch.nn.Module):
             pg_collection=pg_collection,
         )
         self.model_type = self.language_model.model_type
+        #: the LM pads the sequence to this multiple (right padding, cut from the logits: invisible to the loss)
+        self.seq_multiple = seq_len_multiple(self.tp_group.size() if self.tp_group is not None else 1,
+                                             bool(lm_config.sequence_parallel), getattr(lm_config, "fp8", None) is not None)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
         """mcore dist-checkpoint view of this stage: TP-sharded layers as shards, replicated tensors once per TP group.
@@ -167,8 +182,7 @@ class Qwen25VLModel(torch.nn.Module):
                                                      image_grid_thw=slot_grid)
         if position_ids is None:
             position_ids = self.position_ids(input_ids, attention_mask, slot_grid)
-        tp = self.tp_group.size() if self.tp_group is not None else 1
-        pad = (-S) % tp if self.config.sequence_parallel else 0
+        pad = (-S) % self.seq_multiple  # SP splits the sequence over TP; FP8 GEMMs need aligned token counts
         if pad:
             input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=0)
             position_ids = torch.nn.functional.pad(position_ids, (0, pad), value=0)
