@@ -26,6 +26,7 @@ from megatron_papo.checkpoint.dist import latest_checkpoint, load_checkpoint, sa
 from megatron_papo.config import Config
 from megatron_papo.data.collate import collate_rollouts, repeat_interleave
 from megatron_papo.data.dataset import PromptLoader, load_prompt_dataset
+from megatron_papo.invariants import InvariantChecker, InvariantError  # noqa: F401  (InvariantError: re-export)
 from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings
 from megatron_papo.rewards import get_reward_fn
@@ -51,10 +52,6 @@ def engine_banned_ids(hf_dir: str, tokenizer: Any) -> list[int]:
         gen_eos = None
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
     return banned_token_ids(tokenizer, vocab, allowed=eos_token_ids(tokenizer, gen_eos))
-
-
-class InvariantError(RuntimeError):
-    """A first-step invariant (actor == reference log-probs, PPO ratio == 1) does not hold."""
 
 
 class Trainer:
@@ -83,6 +80,8 @@ class Trainer:
         self.ref = (PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=False, banned_ids=banned)
                     if cfg.algo.use_ref else None)
         self.papo = cfg.algo.kl_prcp_coef > 0 or cfg.algo.aug_entropy_coef > 0
+        self.invariants = InvariantChecker.for_dtype(cfg.check_invariants, self._dtype(), fp8=cfg.model.fp8 is not None,
+                                                     override=cfg.check_invariants_tol)
         self.engine = engine_factory(cfg, hf_dir) if (self.is_rank0 and engine_factory is not None) else None
         self._engine_released = False
         self._sync_state = SyncState() if cfg.rollout.skip_frozen else None
@@ -259,7 +258,7 @@ class Trainer:
         spec = LossSpec.from_config(cfg.algo, step - 1, cfg.total_steps)
         extra_t = {**{k: v for k, v in per_token.items() if v is not None}, "advantages": adv}
         upd: dict[str, float] = {}
-        for _ in range(cfg.optim.ppo_epochs):
+        for epoch in range(cfg.optim.ppo_epochs):
             for m in range(n_mini):
                 rows = my_rows[m * rows_per_mini:(m + 1) * rows_per_mini]
                 all_rows = [d * per_dp + m * rows_per_mini + i for d in range(g.dp_size) for i in range(rows_per_mini)]
@@ -276,8 +275,8 @@ class Trainer:
                 out = self.actor.train_mini_batch(mb, spec, temperature=temp, global_tokens=global_tokens,
                                                   global_seqs=float(len(all_rows)), paired=self.papo and live_or_exact,
                                                   want_exact=cfg.algo.entropy_estimator == "exact", global_micro=n_micro)
-                if self.is_rank0 and m == 0 and cfg.check_invariants and "ppo_kl" in out and abs(out["ppo_kl"]) > 1e-5:
-                    raise InvariantError(f"step {step}: PPO ratio != 1 on the first mini-batch (ppo_kl={out['ppo_kl']:.3g})")
+                if self.is_rank0:
+                    self.invariants.ppo_ratio(step, epoch, m, out.get("ppo_kl"))
                 self.skipped_updates += int(out.get("update_skipped", 0))
                 for k, v in out.items():
                     upd[k] = upd.get(k, 0.0) + v / (n_mini * cfg.optim.ppo_epochs)
@@ -335,8 +334,7 @@ class Trainer:
             obj = [out]
             dist.broadcast_object_list(obj, src=g.pp_stage_ranks()[-1], group=g.pp_group)
             out = obj[0]
-        if self.cfg.check_invariants and out.get("check/actor_ref_gap", 0.0) > 1e-5:
-            raise InvariantError(f"step 1: actor and reference log-probs differ by {out['check/actor_ref_gap']:.3g} (expected equal)")
+        self.invariants.actor_ref(step, out.get("check/actor_ref_gap"))
         return out
 
     # ------------------------------------------------------------------ loop

@@ -36,6 +36,9 @@ class Config:
     eval_n: int = field(1, help="samples per test question in evaluation (avg@n)")
     eval_temperature: Optional[float] = field(None, help="sampling temperature of evaluation; null = rollout.temperature, 0 = greedy")
     check_invariants: bool = field(True, help="assert first-step invariants (actor==ref logprobs, ratio==1)")
+    check_invariants_tol: Optional[float] = field(
+        None, help="tolerance of the invariants; null = from the compute dtype (fp32 1e-5; bf16 0.125 max gap / "
+        "0.0078 mean; FP8 2.0 / 0.125, see megatron_papo/invariants.py)")
     parallel: ParallelConfig = field(default_factory=ParallelConfig, help="parallel layout")
     model: ModelConfig = field(default_factory=ModelConfig, help="model")
     rollout: RolloutConfig = field(default_factory=RolloutConfig, help="rollout engine")

@@ -122,7 +122,9 @@ def test_rollout_only_then_train_from_saved_rollouts(tmp_path):
     rec = _train(tmp_path / "rec", extra=extra + ["mode=rollout_only"])
     assert sorted(p.name for p in rollouts.iterdir()) == ["step_000001.pt", "step_000002.pt"]
     assert all("loss/pg" not in r for r in rec)  # no update in rollout-only mode
-    replay = _train(tmp_path / "replay", extra=extra + ["mode=train_from_rollouts"])
+    # two PPO epochs: the ratio invariant holds on the first epoch's first mini-batch only (the second epoch starts
+    # from updated weights), so the run must not stop there
+    replay = _train(tmp_path / "replay", extra=extra + ["mode=train_from_rollouts", "optim.ppo_epochs=2"])
     assert [r["reward/mean"] for r in replay] == [r["reward/mean"] for r in rec]
     assert "loss/pg" in replay[0] and replay[0]["rollout/logprob_gap"] <= 1e-4
 
