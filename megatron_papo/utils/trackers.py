@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,7 +95,7 @@ class WandbSink:
         import wandb
 
         mode = mode or os.environ.get("WANDB_MODE") or "offline"
-        run_id = prev["id"] if prev else wandb.util.generate_id()
+        run_id = prev["id"] if prev else uuid.uuid4().hex[:12]
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir), mode=mode,
                               config=config, settings=wandb.Settings(console="off", quiet=True))
         self.run_id = run_id
