@@ -42,7 +42,7 @@ def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampl
         tok = getattr(engine, "tokenizer", None)
         for s, res in zip(samples, outs):
             texts = [r.text if getattr(r, "text", None) is not None else tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
-            rw = reward_fn(texts, [s.answer] * len(texts))
+            rw = reward_fn(texts, [s.answer] * len(texts), ids=[f"eval/uid{s.uid}/{k}" for k in range(len(texts))])
             accs.append(sum(r.get("accuracy", 0.0) for r in rw) / len(rw))
             fmts.append(sum(r.get("format", 0.0) for r in rw) / len(rw))
             answers.append(s.answer)
