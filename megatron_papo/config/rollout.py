@@ -76,6 +76,9 @@ def check_engine_kwargs(engine: str, kwargs: dict[str, Any]) -> None:
         owner = OWNED_ENGINE_KWARGS.get(engine, {}).get(key)
         if owner is not None:
             raise ConfigError(f"rollout.engine_kwargs.{key} is set by {owner}: set {owner} instead")
+        if engine == "vllm" and key == "logprobs_mode" and kwargs[key] != "processed_logprobs":
+            raise ConfigError(f"rollout.engine_kwargs.logprobs_mode={kwargs[key]!r}: the trainer compares against "
+                              "processed_logprobs (temperature and banned ids applied); remove it")
     known = engine_arg_names(engine) if kwargs else None
     if known is None:
         return

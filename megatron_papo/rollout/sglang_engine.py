@@ -35,6 +35,7 @@ from megatron_papo.rollout.base import (
     GenerationResult,
     NamedTensors,
     SamplingParams,
+    empty_cuda_cache,
 )
 from megatron_papo.rollout.procs import TrackedProcess, end_processes, track_tree
 from megatron_papo.rollout.tokens import PLACEHOLDER_TOKENS, banned_token_ids, eos_token_ids, to_engine_prompt_ids
@@ -76,12 +77,6 @@ GPU_COLOCATED_ENGINE_KWARGS: dict[str, Any] = {
     "mem_fraction_static": 0.5,
 }
 
-
-def _empty_cuda_cache() -> None:
-    """Give the trainer's cached, unused CUDA blocks back to the driver (so a colocated engine can map them)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 class SGLangEngine:
@@ -375,13 +370,13 @@ class SGLangEngine:
         nothing, and SGLang 0.5.23's scheduler calls ``torch.cuda.synchronize()`` in it and dies."""
         if self.device != "cpu":
             self._call("release")
-            _empty_cuda_cache()
+            empty_cuda_cache()
 
     def resume_memory(self) -> None:
         """Undo :meth:`release_memory`: first return the trainer's cached CUDA blocks (training activations) to the
         driver, so the engine can map its memory again, then resume (no-op on CPU)."""
         if self.device != "cpu":
-            _empty_cuda_cache()
+            empty_cuda_cache()
             self._call("resume")
 
     def health(self, timeout: float = 30.0) -> dict[str, Any]:
