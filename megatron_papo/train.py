@@ -35,14 +35,19 @@ def prepare_model_dir(cfg: Config, rank: int) -> str:
 
 
 def check_placement(cfg: Config, device_type: str, local_world_size: int) -> None:
-    """Device checks of the placement options: optimizer CPU offload is a GPU feature; placement=separate on GPUs
-    needs engine GPUs that exist and are not the trainer's (one per local rank)."""
+    """Device checks of the placement options: optimizer CPU offload is a GPU feature; a colocated engine cannot join
+    an NCCL weight group with the trainer (same GPU); placement=separate on GPUs needs engine GPUs that exist and are
+    not the trainer's (one per local rank)."""
     from megatron_papo.config import ConfigError
 
     r = cfg.rollout
     if cfg.optim.cpu_offload_fraction > 0 and device_type != "cuda":
         raise ConfigError(f"optim.cpu_offload_fraction={cfg.optim.cpu_offload_fraction} offloads GPU optimizer state; "
                           "on CPU everything is already in host memory: set it to 0")
+    if r.placement == "colocated" and r.transport == "distributed" and device_type == "cuda":
+        raise ConfigError("rollout.transport=distributed with placement=colocated on GPUs puts trainer rank 0 and the "
+                          "engine's TP rank 0 on one GPU in one NCCL group, which NCCL refuses: use rollout.transport="
+                          "tensor (CUDA IPC) or disk")
     if r.placement != "separate" or device_type != "cuda":
         return
 

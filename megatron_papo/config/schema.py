@@ -15,7 +15,7 @@ from megatron_papo.config.logging import LoggingConfig
 from megatron_papo.config.model import ModelConfig
 from megatron_papo.config.optim import OptimConfig
 from megatron_papo.config.parallel import ParallelConfig
-from megatron_papo.config.rollout import RolloutConfig
+from megatron_papo.config.rollout import RolloutConfig, check_engine_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO_ROOT / "launch" / "configs"
@@ -123,6 +123,7 @@ def validate(cfg: Config) -> None:
                           "transport shares memory with the engine)")
     if r.placement == "separate" and r.engine != "sglang":
         raise ConfigError(f"rollout.placement=separate is implemented for the SGLang engine only (got {r.engine})")
+    check_engine_kwargs(r.engine, r.engine_kwargs)
     if r.placement == "colocated" and r.engine_base_gpu >= 0:
         raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} is for placement=separate; colocated engines "
                           "use the trainer's devices")
