@@ -259,7 +259,12 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module]
     sd = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True)
-    loaded = dist_checkpointing.load(sd, str(path))
+    try:
+        loaded = dist_checkpointing.load(sd, str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException, mcore's errors are not
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {cause_line(e)}") from e
     if len(model_chunks) == 1:
         _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
@@ -273,6 +278,15 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module]
         with open(rng_file, "rb") as f:
             _set_rng_state(pickle.load(f))
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def cause_line(e: BaseException) -> str:
+    """The informative line of a (possibly multi-rank, multi-line) checkpointing error."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.search(r"\w+(Error|Exception): ", ln)]
+    return (named[-1] if named else lines[0] if lines else type(e).__name__)[:400]
 
 
 def _prune(root: Path, keep_last: int) -> None:
