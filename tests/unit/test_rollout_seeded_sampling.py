@@ -82,7 +82,8 @@ tok2 = sampler.top_k_top_p_min_p_sampling_from_probs_torch(probs.clone(), topk, 
                                                             False, seeds, pos).long()
 c2 = torch.bincount(tok2, minlength=5).double()
 assert c2[2:].sum() == 0, c2
-chi2b = float(((c2[:2] - N * torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)) ** 2 / (N * torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))).sum())
+exp2 = N * torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)
+chi2b = float(((c2[:2] - exp2) ** 2 / exp2).sum())
 assert chi2b < 10.83, (chi2b, c2.tolist())  # df=1, p=0.001
 print("ok", chi2, chi2b)
 """
