@@ -105,6 +105,7 @@ class Preemption:
         """Stop the watchdog and restore the previous handlers (the save is done)."""
         if self._timer is not None:
             self._timer.cancel()
+            self._timer.join(timeout=5)
         for sig, prev in self._previous.items():
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         self._previous = {}

@@ -100,7 +100,9 @@ def validate_checkpoint(path: str | os.PathLike) -> Optional[str]:
         return None
     try:
         files = json.loads(mpath.read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
+        files = {str(k): {"size": int(v["size"]), **({"crc32": str(v["crc32"])} if "crc32" in v else {})}
+                 for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{mpath} unreadable ({type(e).__name__})"
     for rel, entry in files.items():
         f = path / rel
