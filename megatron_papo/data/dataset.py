@@ -158,7 +158,7 @@ class PromptDataset:
         self.kept: list[int] = self._validate()
         self.stats["kept"] = len(self.kept)
         if not self.kept:
-            raise DataError(f"data source '{source}': no usable rows left of {len(self.table)} ({self.summary()}); "
+            raise ConfigError(f"data source '{source}': no usable rows left of {len(self.table)} ({self.summary()}); "
                             "check data.max_prompt_length and the data")
         if len(self.kept) < len(self.table):
             log.warning("data '%s': kept %d/%d rows; %s", source, len(self.kept), len(self.table), self.summary())
