@@ -67,6 +67,9 @@ def _read_file(path: Path, suffix: str) -> tuple[Any, dict[int, tuple[str, str]]
             return datasets.Dataset.from_parquet(str(path)), bad
         if suffix == ".jsonl":
             rows, bad = read_jsonl(path)
+            if not rows:
+                raise DataError(f"data source '{path}' has 0 rows (only blank lines); point data.train/data.test at a "
+                                "file with rows")
             if bad:  # datasets would fail on the whole file; keep the good rows, row numbers unchanged
                 return datasets.Dataset.from_list([r if r is not None else {} for r in rows]), bad
         return datasets.Dataset.from_json(str(path)), bad
@@ -89,12 +92,17 @@ def _load_table(source: str, cfg: DataConfig, split: str) -> tuple[Any, Optional
         if split not in ("train", "test"):
             raise ConfigError(f"synthetic data has splits train/test, got '{split}'")
         n = cfg.synthetic_train_size if split == "train" else cfg.synthetic_test_size
+        if n < 1:
+            raise DataError(f"data source 'synthetic' split {split} has 0 rows (data.synthetic_{split}_size={n}); set it >= 1")
         return build_synthetic_dataset(n, cfg.seed, cfg.synthetic_image_size, split), None, {}
     path = Path(source)
     if path.is_dir():
         try:
             obj = datasets.load_from_disk(str(path))
         except Exception as e:
+            if _saved_without_rows(path):
+                raise DataError(f"data source '{source}' has 0 rows (a save_to_disk dataset with no data files); point "
+                                "data.train/data.test at a dataset with rows") from None
             raise ConfigError(f"data source '{source}' is a directory but not a save_to_disk dataset: {e}") from None
         if isinstance(obj, datasets.DatasetDict):
             if split in obj:
@@ -113,6 +121,16 @@ def _load_table(source: str, cfg: DataConfig, split: str) -> tuple[Any, Optional
         table, bad = _read_file(path, suffix)
         return table, path.parent, bad
     raise ConfigError(f"data source '{source}': unsupported file type '{suffix}'; expected .parquet, .jsonl/.json or a dataset dir")
+
+
+def _saved_without_rows(path: Path) -> bool:
+    """A ``save_to_disk`` dir of an empty Dataset (``state.json`` listing no data files; datasets cannot load it)."""
+    import json
+
+    try:
+        return not json.loads((path / "state.json").read_text()).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def canonicalize(table: Any, cfg: DataConfig, source: str) -> Any:
