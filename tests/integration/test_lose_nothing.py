@@ -105,6 +105,7 @@ def test_diverging_run_skips_nan_steps_stops_and_keeps_finite_checkpoints(tmp_pa
     assert max(float(one[k].abs().max()) for k in weights) > 1e6  # lr=1e10 really moved them at step 1
 
 
+@pytest.mark.timeout(2400)  # five engine starts in one test (~8 min on 2 idle cores; 15 min measured under load)
 def test_sigterm_sigkill_and_truncated_checkpoint_resume_like_one_uninterrupted_run(tmp_path):
     full = _train(tmp_path / "full", extra=LIVE)
     assert [r["step"] for r in full] == [1, 2, 3, 4] and full[3]["kl/ref"] > 0
@@ -147,3 +148,14 @@ def test_sigterm_sigkill_and_truncated_checkpoint_resume_like_one_uninterrupted_
     resumed = _metrics(run)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert _strip(resumed) == _strip(full)  # fresh steps repeat, resumed live rollouts repeat: bit for bit
+
+
+def test_train_on_an_empty_or_undecodable_dataset_is_one_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = subprocess.run(_cmd(tmp_path / "run", 1, [f"data.train={empty}", "total_steps=1"]), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-papo:")]
+    assert lines == [f"megatron-papo: data error: data source '{empty}' has 0 rows (the file is empty); point "
+                     "data.train/data.test at a file with rows"], proc.stderr[-3000:]
