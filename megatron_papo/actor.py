@@ -25,7 +25,7 @@ from megatron_papo.data.collate import RolloutBatch
 from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore
 from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, TokenStats, token_stats
 from megatron_papo.parallel import ParallelGroups
-from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, wrap_ddp
+from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, guarded_step, wrap_ddp
 from megatron_papo.utils.device import to_device, to_host
 
 PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "aug_logprob")
@@ -374,10 +374,11 @@ class PolicyModel:
         rows = _max_rows(micro_batches) * (2 if paired else 1)
         res = forward_backward(self.chunks, fwd, self._on_device(micro_batches), n_micro, groups, seq_length=width,
                                micro_batch_size=rows)
-        updated, grad_norm, _ = self.optimizer.step()
         metrics = _sum_metrics(res) if groups.is_last_stage else {}
+        # non-finite loss or grad norm: skip the update (all ranks agree), counted by the trainer
+        updated, grad_norm = guarded_step(self.optimizer, loss=metrics.get("loss/total"), device=groups.device)
         metrics = self._reduce_metrics(metrics)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["grad_norm"] = grad_norm
         metrics["update_skipped"] = 0.0 if updated else 1.0
         return metrics
 

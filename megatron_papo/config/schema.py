@@ -13,6 +13,7 @@ from megatron_papo.config.checkpoint import CheckpointConfig
 from megatron_papo.config.data import DataConfig
 from megatron_papo.config.logging import LoggingConfig
 from megatron_papo.config.model import ModelConfig
+from megatron_papo.config.numeric import check_numbers
 from megatron_papo.config.optim import OptimConfig
 from megatron_papo.config.parallel import ParallelConfig
 from megatron_papo.config.rollout import RolloutConfig, check_engine_kwargs
@@ -104,6 +105,7 @@ def load_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no process group (world-size checks live in parallel/)."""
     a, o, r = cfg.algo, cfg.optim, cfg.rollout
+    check_numbers(cfg)  # finite, and in range (config/numeric.py)
     if r.n < 1:
         raise ConfigError(f"rollout.n={r.n} must be >= 1")
     if a.adv_estimator in ("grpo", "dapo", "rloo") and r.n < 2:

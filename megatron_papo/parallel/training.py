@@ -8,6 +8,7 @@ gradients are zeroed every step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
@@ -133,10 +134,44 @@ def _p2p(groups: ParallelGroups, cfg: Any) -> Any:
 
 
 def optimizer_step(optimizer: Any) -> tuple[bool, float, int]:
-    """One optimizer step; returns (updated, grad_norm, zeros). Non-finite grad norms skip the update."""
-    updated, grad_norm, num_zeros = optimizer.step()
+    """One optimizer step; returns (updated, grad_norm, zeros). A non-finite grad norm skips the update
+    (:func:`guarded_step`, in fp32 as in bf16/fp16)."""
+    updated, grad_norm = guarded_step(optimizer)
     optimizer.zero_grad()
-    return bool(updated), float(grad_norm) if grad_norm is not None else float("nan"), int(num_zeros or 0)
+    return updated, grad_norm, 0
+
+
+def guarded_step(optimizer: Any, loss: Optional[torch.Tensor] = None, device: Any = None) -> tuple[bool, float]:
+    """mcore's optimizer step, skipped when the loss or the global grad norm is not finite; returns
+    ``(updated, grad_norm)``. Collective: every rank of the job must call it.
+
+    mcore's own ``step()`` skips only on the grad scaler's inf/nan flag (fp16); in fp32 and bf16 it clips a NaN
+    norm and writes NaN weights. This runs the same stages (``prepare_grads`` -> ``get_grad_norm`` -> clip ->
+    ``step_with_ready_grads``) and decides in between. The decision is all-reduced (MAX) over the world, so
+    every rank skips or steps together even when only one pipeline stage sees the loss. Works for the plain,
+    distributed and chained optimizers (the grad norm is already reduced over each one's stats group).
+    """
+    import torch.distributed as dist
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = bool(optimizer.prepare_grads())
+    norm = optimizer.get_grad_norm() if not found_inf else float("nan")
+    grad_norm = float(norm) if norm is not None else 0.0
+    bad = found_inf or not math.isfinite(grad_norm) or (loss is not None and not bool(torch.isfinite(loss).all()))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if bad else 0.0], device=device if device is not None else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item() > 0)
+    if bad:
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def zero_grads(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:

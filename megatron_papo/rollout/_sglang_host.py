@@ -84,6 +84,10 @@ def host_main(conn: Any, engine_kwargs: dict[str, Any], env: dict[str, str]) -> 
     try:
         import sglang
 
+        from megatron_papo.rollout.cpu_shim import seeded
+
+        seeded.install()  # CPU only: per-request sampling seeds honoured (cpu_shim/seeded.py)
+
         engine = sglang.Engine(**engine_kwargs)
     except BaseException:
         conn.send(("err", traceback.format_exc()))

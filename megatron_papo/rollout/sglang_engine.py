@@ -84,6 +84,8 @@ class SGLangEngine:
 
     #: the host process entry point (``_sglang_host.host_main``); tests substitute a fake host here
     host_target: Optional[Any] = None
+    #: on CPU the host starts SGLang's schedulers with ``cpu_shim/seeded.py`` (per-request seeds honoured)
+    cpu_seeded_sampling: bool = True
 
     def __init__(self, model_path: str, *, device: str = "auto", tp_size: int = 1, timeout_s: float = 600.0,
                  start_timeout_s: float = 900.0, seed: int = 1, transport: str = "tensor", bucket_mb: int = 512,
@@ -265,6 +267,13 @@ class SGLangEngine:
         return self._recv(method, timeout)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def honours_seeds(self) -> bool:
+        """Per-request ``sampling_seed`` is used: GPU with deterministic inference, or the CPU engine (whose
+        schedulers run ``cpu_shim/seeded.py``)."""
+        return bool(self.engine_kwargs.get("enable_deterministic_inference")) or (
+            self.device == "cpu" and self.cpu_seeded_sampling)
+
     def _engine_ids(self, req: GenerationRequest) -> list[int]:
         if req.prompt_ids is not None:
             return to_engine_prompt_ids(req.prompt_ids, self.pad_ids)
@@ -290,17 +299,16 @@ class SGLangEngine:
         """``n`` responses for each request (GenerationRequest or ``(prompt_text_or_ids, images)``).
 
         Each request is sent once with SGLang's parallel sampling (shared prefill). ``seeds[i][k]``
-        (one per sample) are honoured only when the engine runs with
-        ``engine_kwargs={"enable_deterministic_inference": True}`` — then every sample is its own
+        (one per sample) are honoured when :attr:`honours_seeds`: on CPU (``cpu_shim/seeded.py``) or with
+        ``engine_kwargs={"enable_deterministic_inference": True}`` on GPU — then every sample is its own
         request with that ``sampling_seed``; otherwise they are ignored (warned once) and samples come
-        from the engine's RNG (``random_seed``). SGLang 0.5.23 refuses deterministic inference with
-        ``attention_backend="torch_native"``, so on CPU seeds cannot be honoured.
+        from the engine's RNG (``random_seed``).
         Returns ``results[i][k]`` for request i, sample k.
         """
         reqs = [GenerationRequest.coerce(r) for r in requests]
         if not reqs:
             return []
-        if seeds is not None and not self.engine_kwargs.get("enable_deterministic_inference"):
+        if seeds is not None and not self.honours_seeds:
             if not self._warned_seeds:
                 log.warning("SGLangEngine: per-sample seeds ignored (start with enable_deterministic_inference=True to use them)")
                 self._warned_seeds = True

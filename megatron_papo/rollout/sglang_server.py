@@ -68,6 +68,8 @@ class SGLangServerEngine(SGLangEngine):
 
     #: flat CPU buckets are moved to shared memory *by file name* while pickling (see ``_flat_payload``)
     shared_flat = False
+    #: sglang.launch_server starts its own schedulers: the CPU seeded-sampling plumbing is not applied there
+    cpu_seeded_sampling = False
 
     def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(model_path, **kwargs)
