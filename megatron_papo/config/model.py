@@ -36,7 +36,9 @@ class ModelConfig:
     transformer_impl: Literal["local", "transformer_engine"] = field(
         "local", help="layer spec: local torch modules (CPU and GPU) or Transformer Engine (GPU only)")
     fp8: Optional[Literal["e4m3", "hybrid"]] = field(None, help="FP8 format (transformer_engine only); null = off")
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field("delayed", help="FP8 scaling recipe")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field(
+        "tensorwise", help="FP8 scaling recipe: tensorwise (per-tensor current scaling), delayed (no bf16 "
+        "first/last layers), blockwise (Hopper+), mxfp8 (Blackwell)")
     fp8_param_gather: bool = field(False, help="keep FP8 copies of params for the all-gather (distributed optimizer)")
     fp8_bf16_first_last_layers: int = field(1, help="number of first and last layers kept in bf16 under FP8")
     recompute: Literal["none", "selective", "full"] = field("none", help="activation recomputation")
