@@ -137,5 +137,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.cpu_offload_fraction={o.cpu_offload_fraction} must be in [0, 1]")
     if o.cpu_offload_fraction > 0 and not o.use_distributed_optimizer:
         raise ConfigError("optim.cpu_offload_fraction > 0 needs optim.use_distributed_optimizer=true")
+    if o.cpu_offload_fraction > 0 and cfg.model.fp8_param_gather and cfg.model.fp8_recipe != "delayed":
+        raise ConfigError(f"optim.cpu_offload_fraction > 0 with model.fp8_param_gather=true needs model.fp8_recipe="
+                          f"delayed (got {cfg.model.fp8_recipe}); set model.fp8_param_gather=false")
     if not 0.0 <= cfg.data.mask_prob <= 1.0:
         raise ConfigError(f"data.mask_prob={cfg.data.mask_prob} must be in [0, 1]")
