@@ -42,6 +42,9 @@ class ModelConfig:
     fp8_param_gather: bool = field(False, help="keep FP8 copies of params for the all-gather (distributed optimizer)")
     fp8_bf16_first_last_layers: int = field(1, help="number of first and last layers kept in bf16 under FP8")
     recompute: Literal["none", "selective", "full"] = field("none", help="activation recomputation")
+    logits_chunk_size: int = field(
+        2048, help="loss kernel (ops/vocab_parallel.token_stats): tokens per block of its fp32 [tokens, vocab/tp] work "
+        "buffers; 2048 x 152k vocab = 1.16 GiB per buffer at TP=1 (0.58 GiB at TP=2). 0 = a micro-batch at once")
     offload_ref: bool = field(False, help="colocated GPUs: keep the reference model in host memory except during "
                               "its log-prob pass (no effect on CPU)")
     freeze_vision_tower: bool = field(False, help="do not train the vision tower (PAPO trains it)")

@@ -113,6 +113,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algo.kl_coef={a.kl_coef} has no effect with algo.use_ref=false; set algo.kl_coef=0")
     if a.aug_entropy_coef > 0 and a.kl_prcp_coef <= 0:
         raise ConfigError("algo.aug_entropy_coef > 0 needs the masked view: set algo.kl_prcp_coef > 0")
+    if a.overlong_buffer > r.max_new_tokens:
+        raise ConfigError(f"algo.overlong_buffer={a.overlong_buffer} exceeds rollout.max_new_tokens={r.max_new_tokens} "
+                          "(the buffer is the last part of the allowed length); lower it or set it to 0 (off)")
+    if cfg.model.logits_chunk_size < 0:
+        raise ConfigError(f"model.logits_chunk_size={cfg.model.logits_chunk_size} must be >= 0 (0 = unchunked)")
     if cfg.model.fp8 is not None and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError(f"model.fp8={cfg.model.fp8} needs model.transformer_impl=transformer_engine")
     if r.placement == "separate" and r.transport == "tensor":
