@@ -51,3 +51,39 @@ def hybrid_optimizer_structure(hf_dir: str, cpu_offload_fraction: float) -> dict
         "hdo_fp32_masters": len(fp32_copies), "hdo_fp32_numel": sum(p.numel() for p in fp32_copies),
         "hdo_fp32_dtypes": sorted({str(p.dtype) for p in fp32_copies}),
     }
+
+
+def hybrid_optimizer_on_gpu(hf_dir: str, cpu_offload_fraction: float) -> dict[str, Any]:
+    """GPU only (tests/gpu): the same build on CUDA, with nothing patched; where the hybrid optimizer put the fp32
+    masters (host or device) and how much device memory the optimizer build took, with and without offload."""
+    import torch
+
+    from megatron_papo.config.model import ModelConfig
+    from megatron_papo.config.parallel import ParallelConfig
+    from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore
+    from megatron_papo.parallel import init_distributed
+    from megatron_papo.parallel.training import OptimSettings, build_optimizer, wrap_ddp
+
+    pg = init_distributed(ParallelConfig(device="cuda"))
+    out: dict[str, Any] = {}
+    for fraction in (0.0, cpu_offload_fraction):
+        model = build_model(ModelConfig(dtype="bfloat16"), pg, hf_dir=hf_dir)
+        load_hf_into_mcore([model], hf_dir, pg)
+        chunks = wrap_ddp([model], pg, use_distributed_optimizer=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        settings = OptimSettings(lr=1e-3, use_distributed_optimizer=True, bf16=True, cpu_offload_fraction=fraction)
+        chained = build_optimizer(chunks, settings, pg)
+        torch.cuda.synchronize()
+        (opt,) = getattr(chained, "chained_optimizers", [chained])
+        res = {"optimizer_bytes_on_gpu": torch.cuda.memory_allocated() - before, "inner": type(opt.optimizer).__name__}
+        if fraction > 0:
+            inner = opt.optimizer
+            masters = list(inner.param_to_fp32_param.values())
+            res["fp32_on_cpu"] = sum(m.numel() for m in masters if not m.is_cuda)
+            res["fp32_on_gpu"] = sum(m.numel() for m in masters if m.is_cuda)
+            res["largest_shard"] = max(p.numel() for p in inner.param_to_fp32_param)
+        out[str(fraction)] = res
+        del chained, opt, chunks, model
+        torch.cuda.empty_cache()
+    return out
