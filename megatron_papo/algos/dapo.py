@@ -14,7 +14,9 @@ Soft overlong punishment (DAPO paper, Yu et al. 2025, eq. 13; not used by PAPO's
 with ``L_max`` the response-length limit and ``L_cache`` the buffer, a response of ``|y|`` tokens gets
 ``R_length = 0`` if ``|y| <= L_max - L_cache``, ``((L_max - L_cache) - |y|) / L_cache`` if
 ``L_max - L_cache < |y| <= L_max``, and ``-1`` beyond ``L_max``, times a penalty factor (EasyR1's
-``overlong_penalty_factor``; 1 in the paper); it is added to the score before advantages.
+``overlong_penalty_factor``; 1 in the paper); it is added to the score before advantages. The trainer applies
+it after the filter, so the filter reads the reward components as the reward function returned them (in EasyR1's
+DAPO reward function the punishment is part of ``overall``, which only matters when filtering on ``overall``).
 """
 
 from __future__ import annotations

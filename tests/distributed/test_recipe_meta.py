@@ -26,6 +26,7 @@ def test_every_recipe_and_layout_builds_on_meta():
     combos = combinations()
     results = run_distributed("tests.distributed.model_workers:meta_build_recipes", 4, {"combos": combos},
                               timeout=600)
+    assert all(r == results[0] for r in results[1:])  # every rank saw the same totals
     res = results[0]
     # recipes of one size differ only in algorithm settings, and 3b_2gpu / 3b_4gpu are the same TP=1 model:
     # {3b: 2 models, 7b: 3 models} x (bf16, fp8)
@@ -40,4 +41,3 @@ def test_every_recipe_and_layout_builds_on_meta():
             ("hybrid", "tensorwise", True) if fp8 else (None, None, False)), (combo, r)
         assert r["sequence_parallel"] == (r["tp"] > 1), (combo, r)
     assert res[README_EXAMPLE]["tp"] == 4 and res[README_EXAMPLE]["fp8"] == "hybrid"
-    assert all(r == results[0] for r in results[1:])  # every rank saw the same totals
