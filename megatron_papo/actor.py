@@ -245,6 +245,7 @@ class PolicyModel:
                  trainable: bool, optim: Optional[OptimSettings] = None, banned_ids: Optional[list[int]] = None) -> None:
         self.groups = groups
         self.banned_ids = list(banned_ids or [])
+        self.chunk_size = getattr(model_cfg, "logits_chunk_size", 0) or None  # loss-kernel token blocks (None = all)
         model = build_model(model_cfg, groups, hf_dir=hf_dir, sequence_parallel=sequence_parallel)
         load_hf_into_mcore([model], hf_dir, groups)
         self.trainable = trainable
@@ -296,7 +297,8 @@ class PolicyModel:
 
         def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
             ban_logits_(logits, self.banned_ids, self.groups.tp_rank)
-            st = _unpacked(mb, token_stats(logits, _fwd_labels(mb), tp_group, temperature=temperature, entropy=req.entropy))
+            st = _unpacked(mb, token_stats(logits, _fwd_labels(mb), tp_group, temperature=temperature, entropy=req.entropy,
+                                           chunk_size=self.chunk_size))
             out = {"logprob": st.logprob}
             if req.entropy:
                 out["entropy"] = st.entropy
@@ -344,10 +346,12 @@ class PolicyModel:
                 ori, aug = logits[:B], logits[B:]
                 st = _unpacked(mb, token_stats(ori, fwd_labels, tp_group, ref_logits=aug if live else aug.detach(),
                                                temperature=temperature, entropy=want_exact, ref_entropy=want_exact,
-                                               kl=spec.kl_prcp_estimator == "exact", ref_requires_grad=live))
+                                               kl=spec.kl_prcp_estimator == "exact", ref_requires_grad=live,
+                                               chunk_size=self.chunk_size))
                 aug_lp, aug_ent, kl = st.ref_logprob, st.ref_entropy, st.kl
             else:
-                st = _unpacked(mb, token_stats(logits, fwd_labels, tp_group, temperature=temperature, entropy=want_exact))
+                st = _unpacked(mb, token_stats(logits, fwd_labels, tp_group, temperature=temperature, entropy=want_exact,
+                                               chunk_size=self.chunk_size))
                 aug_lp, aug_ent, kl = mb.get("aug_logprob"), None, None
             inputs = LossInputs(
                 logprob=st.logprob, old_logprob=mb["old_logprob"], advantages=mb["advantages"], response_mask=mask,

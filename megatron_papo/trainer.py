@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_papo.actor import PolicyModel, StatsRequest, gather_token_stats, make_micro_batches
 from megatron_papo.algos import LossSpec, compute_advantages
-from megatron_papo.algos.dapo import fill_batch
+from megatron_papo.algos.dapo import apply_overlong_penalty, fill_batch, group_mean, keep_group
 from megatron_papo.checkpoint.dist import clean_stale, find_resumable, load_checkpoint, save_checkpoint
 from megatron_papo.config import Config
 from megatron_papo.data.collate import collate_rollouts, repeat_interleave
@@ -217,7 +217,8 @@ class Trainer:
         else:
             a = cfg.algo
             res = fill_batch(draw, cfg.optim.rollout_batch_size, a.dynamic_sampling_max_tries,
-                             keep_fn=lambda g: a.dynamic_sampling_low < g.mean_accuracy < a.dynamic_sampling_high,
+                             keep_fn=lambda g: keep_group(group_mean(g.rewards, a.dynamic_sampling_key),
+                                                          a.dynamic_sampling_low, a.dynamic_sampling_high),
                              on_limit=a.dynamic_sampling_on_limit)
             groups, extra = res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
         if self.engine is not None and cfg.rollout.placement == "colocated" and self.groups.device.type == "cuda":
@@ -246,6 +247,9 @@ class Trainer:
                                  pad_to_multiple_of=self.actor.seq_multiple)
         batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in rows_samples]
         scores = torch.tensor([s for gr in groups for s in gr.scores], dtype=torch.float32)
+        scores, metrics["reward/overlong_frac"] = apply_overlong_penalty(  # DAPO soft overlong punishment (0 = off)
+            scores, torch.tensor([len(r) for r in responses]), cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer,
+            cfg.algo.overlong_penalty)
         adv = compute_advantages(cfg.algo.adv_estimator, scores, batch.group_index)  # not uids: a DAPO refill may repeat a prompt
         B = scores.numel()
         if B % g.dp_size:

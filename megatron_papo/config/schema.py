@@ -118,6 +118,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algo.kl_coef={a.kl_coef} has no effect with algo.use_ref=false; set algo.kl_coef=0")
     if a.aug_entropy_coef > 0 and a.kl_prcp_coef <= 0:
         raise ConfigError("algo.aug_entropy_coef > 0 needs the masked view: set algo.kl_prcp_coef > 0")
+    if a.overlong_buffer > r.max_new_tokens:
+        raise ConfigError(f"algo.overlong_buffer={a.overlong_buffer} exceeds rollout.max_new_tokens={r.max_new_tokens} "
+                          "(the buffer is the last part of the allowed length); lower it or set it to 0 (off)")
+    if cfg.model.logits_chunk_size < 0:
+        raise ConfigError(f"model.logits_chunk_size={cfg.model.logits_chunk_size} must be >= 0 (0 = unchunked)")
     if cfg.model.fp8 is not None and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError(f"model.fp8={cfg.model.fp8} needs model.transformer_impl=transformer_engine")
     if r.placement == "separate" and r.transport == "tensor":
@@ -143,5 +148,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.cpu_offload_fraction={o.cpu_offload_fraction} must be in [0, 1]")
     if o.cpu_offload_fraction > 0 and not o.use_distributed_optimizer:
         raise ConfigError("optim.cpu_offload_fraction > 0 needs optim.use_distributed_optimizer=true")
+    if o.cpu_offload_fraction > 0 and cfg.model.fp8_param_gather and cfg.model.fp8_recipe != "delayed":
+        raise ConfigError(f"optim.cpu_offload_fraction > 0 with model.fp8_param_gather=true needs model.fp8_recipe="
+                          f"delayed (got {cfg.model.fp8_recipe}); set model.fp8_param_gather=false")
     if not 0.0 <= cfg.data.mask_prob <= 1.0:
         raise ConfigError(f"data.mask_prob={cfg.data.mask_prob} must be in [0, 1]")

@@ -90,17 +90,37 @@ def wrap_ddp(model_chunks: list[torch.nn.Module], groups: ParallelGroups, *, use
     return wrapped
 
 
-def build_optimizer(model_chunks: list[torch.nn.Module], settings: OptimSettings, groups: ParallelGroups) -> Any:
-    """mcore's Megatron optimizer (Adam; optionally the distributed optimizer) over the DDP chunks."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def optimizer_config_kwargs(settings: OptimSettings, device_type: str) -> dict[str, Any]:
+    """Keyword arguments of mcore's ``OptimizerConfig`` for ``settings`` on a ``cuda`` or ``cpu`` device.
 
-    ocfg = OptimizerConfig(
+    CPU offload (``cpu_offload_fraction > 0``) builds mcore's ``HybridDeviceOptimizer``, which works through the
+    precision-aware optimizer path: ``use_precision_aware_optimizer=True`` makes the distributed optimizer hand it
+    the bf16 parameter shards and gradients (``decoupled_grad``) instead of keeping fp32 master shards of its own on
+    the GPU, and the hybrid optimizer keeps the fp32 masters and Adam state of the offloaded share on the CPU
+    (Megatron-LM's argument check requires the flag with ``--optimizer-cpu-offload`` for this reason). The flag
+    also needs the distributed optimizer and Adam with decoupled weight decay (mcore's defaults here). Host
+    buffers are pinned only on CUDA, where there is something to pin for.
+    """
+    offload = settings.cpu_offload_fraction > 0
+    kw: dict[str, Any] = dict(
         optimizer="adam", lr=settings.lr, weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
         adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps, clip_grad=settings.clip_grad,
         bf16=settings.bf16, fp16=settings.fp16, use_distributed_optimizer=settings.use_distributed_optimizer,
         params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
-        optimizer_cpu_offload=settings.cpu_offload_fraction > 0, optimizer_offload_fraction=settings.cpu_offload_fraction,
+        optimizer_cpu_offload=offload, optimizer_offload_fraction=settings.cpu_offload_fraction,
     )
+    if offload:
+        kw.update(use_precision_aware_optimizer=True, decoupled_weight_decay=True,
+                  pin_cpu_grads=device_type == "cuda", pin_cpu_params=device_type == "cuda")
+    return kw
+
+
+def build_optimizer(model_chunks: list[torch.nn.Module], settings: OptimSettings, groups: ParallelGroups) -> Any:
+    """mcore's Megatron optimizer (Adam; optionally the distributed optimizer, optionally part on the CPU) over the
+    DDP chunks (see :func:`optimizer_config_kwargs`)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ocfg = OptimizerConfig(**optimizer_config_kwargs(settings, groups.device.type))
     return get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=False, pg_collection=groups.mcore)
 
 
