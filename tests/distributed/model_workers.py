@@ -292,7 +292,7 @@ def meta_build_recipes(combos: list[str]) -> dict[str, Any]:
                 "dtype": str(next(model.parameters()).dtype), "fp8": lm.fp8, "fp8_recipe": lm.fp8_recipe,
                 "first_last_bf16": lm.first_last_layers_bf16, "vision_fp8": model.vision.config.fp8,
                 "sequence_parallel": lm.sequence_parallel, "recompute": lm.recompute_granularity,
-                "layers": len(model.language_model.decoder.layers),
+                "layers": len(model.language_model.decoder.layers), "seq_multiple": model.seq_multiple,
             }
             del model
         out[combo] = builds[key]

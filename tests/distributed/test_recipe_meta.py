@@ -40,4 +40,6 @@ def test_every_recipe_and_layout_builds_on_meta():
         assert (r["fp8"], r["fp8_recipe"] if fp8 else None, r["first_last_bf16"]) == (
             ("hybrid", "tensorwise", True) if fp8 else (None, None, False)), (combo, r)
         assert r["sequence_parallel"] == (r["tp"] > 1), (combo, r)
+        # the LM pads its sequence for SP (a multiple of TP) and for FP8 GEMMs (16 tokens per TP shard)
+        assert r["seq_multiple"] == (r["tp"] if r["tp"] > 1 else 1) * (16 if fp8 else 1), (combo, r)
     assert res[README_EXAMPLE]["tp"] == 4 and res[README_EXAMPLE]["fp8"] == "hybrid"
