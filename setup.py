@@ -23,8 +23,13 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # The rollout engine. On CPU machines launch/setup_env.sh installs it and its CPU plumbing.
     "sglang": ["sglang==0.5.23"],
+    # The optional vLLM engine (rollout.engine=vllm), GPU only: the newest vLLM built for the torch 2.14 minor whose
+    # requirements accept transformers 5.19.0 / tokenizers 0.23.2. Its exact pins (xgrammar, openai, numba,
+    # flashinfer, ...) clash with sglang's, so it cannot share an environment with the sglang extra: the Dockerfile
+    # builds it as a separate image (--build-arg ROLLOUT_ENGINE=vllm).
+    "vllm": ["vllm==0.33.0"],
     # GPU clusters: installed inside the NGC container (see Dockerfile), never on CPU machines.
-    "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7", "vllm>=0.11"],
+    "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7"],
     "dev": ["pytest", "pytest-timeout", "ruff"],
     # logging.backends=wandb / mlflow (mlflow-skinny: the tracking client and file store without the server stack)
     "trackers": ["wandb==0.31.0", "mlflow-skinny==3.17.2"],

@@ -10,8 +10,11 @@
 #   LOG_DIR [<repo>/runs/torchrun_logs]   per-rank stdout/stderr: LOG_DIR/node<NODE_RANK>/<run id>/attempt_0/<local rank>/
 #   PYTHON [<repo>/.venv/bin/python if present, else python3]   RDZV_TIMEOUT [900] seconds to wait for all nodes
 # Arguments go to `megatron-papo train` (--config RECIPE[,RECIPE] and key=value overrides; --config defaults to tiny_cpu).
-# The script starts torchrun in its own process group and, on SIGINT/SIGTERM/SIGHUP, signals that group only
-# (TERM, then KILL after STOP_GRACE [30] seconds); it never kills processes by name.
+# The script starts torchrun in its own process group. On SIGTERM/SIGUSR1 (preemption: Slurm --signal, Kubernetes
+# termination) and SIGINT/SIGHUP it passes the signal to torchrun, which forwards it to every trainer rank (they
+# finish the step, save a checkpoint and exit 128+signal: checkpoint.preempt_signals) and SIGKILLs ranks still
+# running after STOP_GRACE [330] seconds (keep it above checkpoint.preempt_timeout_s [300]); then anything left in
+# the group is killed. It never kills processes by name.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -19,7 +22,7 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-STOP_GRACE="${STOP_GRACE:-30}"
+STOP_GRACE="${STOP_GRACE:-330}"
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-900}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
@@ -48,10 +51,12 @@ for a in "${args[@]}"; do
 done
 if (( has_config == 0 )); then args=(--config "${CONFIG:-tiny_cpu}" "${args[@]}"); fi
 
+SIGNALS="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun forwards these to the ranks
 cmd=("$PYTHON" -m torch.distributed.run
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC"
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
   --rdzv-conf "timeout=$RDZV_TIMEOUT"
+  --signals-to-handle "$SIGNALS" --shutdown-timeout "$STOP_GRACE"
   --log-dir "$LOG_DIR" --redirects 3 --tee 3
   -m megatron_papo.cli train "${args[@]}")
 echo "torchrun_multinode: node $NODE_RANK/$NNODES, $NPROC proc(s), master $MASTER_ADDR:$MASTER_PORT, logs $LOG_DIR" >&2
@@ -60,22 +65,23 @@ child=""
 # shellcheck disable=SC2317  # invoked through trap
 # shellcheck disable=SC2329  # invoked by the trap below
 stop() {
-  local sig="$1"
-  trap - INT TERM HUP
-  [[ -n "$child" ]] || exit 143
-  echo "torchrun_multinode: got SIG$sig, stopping process group $child" >&2
-  kill -TERM -- "-$child" 2>/dev/null || true
-  for _ in $(seq "$STOP_GRACE"); do
-    kill -0 -- "-$child" 2>/dev/null || break
+  local sig="$1" code="$2"
+  trap - INT TERM HUP USR1
+  [[ -n "$child" ]] || exit "$code"
+  echo "torchrun_multinode: got SIG$sig, passing it to torchrun (pid $child; ranks save and exit)" >&2
+  kill "-$sig" "$child" 2>/dev/null || true
+  for _ in $(seq $((STOP_GRACE + 15))); do
+    kill -0 "$child" 2>/dev/null || break
     sleep 1
   done
   kill -KILL -- "-$child" 2>/dev/null || true
   wait "$child" 2>/dev/null || true
-  exit 143
+  exit "$code"
 }
-trap 'stop INT' INT
-trap 'stop TERM' TERM
-trap 'stop HUP' HUP
+trap 'stop INT 130' INT
+trap 'stop TERM 143' TERM
+trap 'stop HUP 129' HUP
+trap 'stop USR1 138' USR1
 
 cd "$REPO"
 set -m  # the child gets its own process group, so we can signal exactly it and its descendants

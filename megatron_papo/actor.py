@@ -25,7 +25,7 @@ from megatron_papo.data.collate import RolloutBatch
 from megatron_papo.models.qwen2_5_vl import build_model, forward_logits, load_hf_into_mcore
 from megatron_papo.ops.vocab_parallel import IGNORE_INDEX, TokenStats, token_stats
 from megatron_papo.parallel import ParallelGroups
-from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, wrap_ddp
+from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, guarded_step, wrap_ddp
 from megatron_papo.utils.device import to_device, to_host
 
 PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "aug_logprob")
@@ -245,6 +245,7 @@ class PolicyModel:
                  trainable: bool, optim: Optional[OptimSettings] = None, banned_ids: Optional[list[int]] = None) -> None:
         self.groups = groups
         self.banned_ids = list(banned_ids or [])
+        self.chunk_size = getattr(model_cfg, "logits_chunk_size", 0) or None  # loss-kernel token blocks (None = all)
         model = build_model(model_cfg, groups, hf_dir=hf_dir, sequence_parallel=sequence_parallel)
         load_hf_into_mcore([model], hf_dir, groups)
         self.trainable = trainable
@@ -296,7 +297,8 @@ class PolicyModel:
 
         def loss_fn(mb: dict[str, Any], logits: torch.Tensor):
             ban_logits_(logits, self.banned_ids, self.groups.tp_rank)
-            st = _unpacked(mb, token_stats(logits, _fwd_labels(mb), tp_group, temperature=temperature, entropy=req.entropy))
+            st = _unpacked(mb, token_stats(logits, _fwd_labels(mb), tp_group, temperature=temperature, entropy=req.entropy,
+                                           chunk_size=self.chunk_size))
             out = {"logprob": st.logprob}
             if req.entropy:
                 out["entropy"] = st.entropy
@@ -344,10 +346,12 @@ class PolicyModel:
                 ori, aug = logits[:B], logits[B:]
                 st = _unpacked(mb, token_stats(ori, fwd_labels, tp_group, ref_logits=aug if live else aug.detach(),
                                                temperature=temperature, entropy=want_exact, ref_entropy=want_exact,
-                                               kl=spec.kl_prcp_estimator == "exact", ref_requires_grad=live))
+                                               kl=spec.kl_prcp_estimator == "exact", ref_requires_grad=live,
+                                               chunk_size=self.chunk_size))
                 aug_lp, aug_ent, kl = st.ref_logprob, st.ref_entropy, st.kl
             else:
-                st = _unpacked(mb, token_stats(logits, fwd_labels, tp_group, temperature=temperature, entropy=want_exact))
+                st = _unpacked(mb, token_stats(logits, fwd_labels, tp_group, temperature=temperature, entropy=want_exact,
+                                               chunk_size=self.chunk_size))
                 aug_lp, aug_ent, kl = mb.get("aug_logprob"), None, None
             inputs = LossInputs(
                 logprob=st.logprob, old_logprob=mb["old_logprob"], advantages=mb["advantages"], response_mask=mask,
@@ -374,10 +378,11 @@ class PolicyModel:
         rows = _max_rows(micro_batches) * (2 if paired else 1)
         res = forward_backward(self.chunks, fwd, self._on_device(micro_batches), n_micro, groups, seq_length=width,
                                micro_batch_size=rows)
-        updated, grad_norm, _ = self.optimizer.step()
         metrics = _sum_metrics(res) if groups.is_last_stage else {}
+        # non-finite loss or grad norm: skip the update (all ranks agree), counted by the trainer
+        updated, grad_norm = guarded_step(self.optimizer, loss=metrics.get("loss/total"), device=groups.device)
         metrics = self._reduce_metrics(metrics)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["grad_norm"] = grad_norm
         metrics["update_skipped"] = 0.0 if updated else 1.0
         return metrics
 

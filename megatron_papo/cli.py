@@ -1,18 +1,24 @@
 """``megatron-papo`` command line: train | make-tiny | config | compare-logprobs | convert | eval | report.
 
-Every subcommand exits non-zero with one line naming the problem and the fix on bad input.
+Every subcommand exits non-zero with one line naming the problem and the fix on bad input: config, data and
+checkpoint errors exit 2, a diverged run (non-finite steps, ``optim.max_skipped_steps``) exits 3, a preempted
+run exits 128+signal after saving. ``--debug`` anywhere on the line (or ``MEGATRON_PAPO_DEBUG=1``) prints the
+traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import runpy
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_papo.config.base import ConfigError
+from megatron_papo.errors import CheckpointError, DataError, DivergedError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,17 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: exception type -> (what the one line calls it, exit code)
+ONE_LINE_ERRORS: tuple[tuple[type, str, int], ...] = (
+    (ConfigError, "config error", 2), (DataError, "data error", 2), (CheckpointError, "checkpoint error", 2),
+    (DivergedError, "training stopped", 3),
+)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (inner newlines folded)."""
+    return " | ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MEGATRON_PAPO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in _DELEGATED:  # argparse.REMAINDER rejects an option-like first token ("eval --model X")
         args = argparse.Namespace(command=argv[0], rest=argv[1:], fn=_delegate(_DELEGATED[argv[0]][0]))
     else:
         args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
-        print(f"megatron-papo: config error: {e}", file=sys.stderr)
-        return 2
+    except tuple(t for t, _, _ in ONE_LINE_ERRORS) as e:
+        kind, code = next((k, c) for t, k, c in ONE_LINE_ERRORS if isinstance(e, t))
+        if debug:
+            traceback.print_exc()
+        print(f"megatron-papo: {kind}: {one_line(e)}", file=sys.stderr)
+        return code
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("megatron_papo"):
             print(f"megatron-papo: '{args.command}' is not available in this build ({e.name} missing)", file=sys.stderr)

@@ -32,6 +32,7 @@ def majority_baseline(answers: Sequence[str]) -> float:
 def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any], seed: int,
                      batch_size: int = 64) -> dict[str, float]:
     """avg@n accuracy (and format rate) of ``engine`` on every prompt of a PromptDataset."""
+    from megatron_papo.rewards import score
     from megatron_papo.rollout_phase import sample_seed
 
     accs, fmts, answers = [], [], []
@@ -42,7 +43,7 @@ def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampl
         tok = getattr(engine, "tokenizer", None)
         for s, res in zip(samples, outs):
             texts = [r.text if getattr(r, "text", None) is not None else tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
-            rw = reward_fn(texts, [s.answer] * len(texts), ids=[f"eval/uid{s.uid}/{k}" for k in range(len(texts))])
+            rw = score(reward_fn, texts, [s.answer] * len(texts), [f"eval/uid{s.uid}/{k}" for k in range(len(texts))])
             accs.append(sum(r.get("accuracy", 0.0) for r in rw) / len(rw))
             fmts.append(sum(r.get("format", 0.0) for r in rw) / len(rw))
             answers.append(s.answer)

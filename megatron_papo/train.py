@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import signal
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,10 +16,16 @@ from megatron_papo.utils.logging import get_logger, setup_logging
 def prepare_model_dir(cfg: Config, rank: int) -> str:
     """``model.path`` or, for ``tiny``, the embedded tiny checkpoint built once in the run dir (rank 0)."""
     if cfg.model.path != "tiny":
-        if not (Path(cfg.model.path) / "config.json").is_file():
-            from megatron_papo.config import ConfigError
+        from megatron_papo.config import ConfigError
 
+        conf = Path(cfg.model.path) / "config.json"
+        if not conf.is_file():
             raise ConfigError(f"model.path={cfg.model.path} is not an HF checkpoint directory (no config.json)")
+        try:
+            json.loads(conf.read_text())
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"model.path: {conf} is not readable JSON ({type(e).__name__}: {e}); restore the "
+                              "checkpoint's config.json") from None
         return cfg.model.path
     out = Path(cfg.run_dir) / "tiny_model"
     if rank == 0 and not (out / "model.safetensors").is_file():
@@ -35,14 +40,19 @@ def prepare_model_dir(cfg: Config, rank: int) -> str:
 
 
 def check_placement(cfg: Config, device_type: str, local_world_size: int) -> None:
-    """Device checks of the placement options: optimizer CPU offload is a GPU feature; placement=separate on GPUs
-    needs engine GPUs that exist and are not the trainer's (one per local rank)."""
+    """Device checks of the placement options: optimizer CPU offload is a GPU feature; a colocated engine cannot join
+    an NCCL weight group with the trainer (same GPU); placement=separate on GPUs needs engine GPUs that exist and are
+    not the trainer's (one per local rank)."""
     from megatron_papo.config import ConfigError
 
     r = cfg.rollout
     if cfg.optim.cpu_offload_fraction > 0 and device_type != "cuda":
         raise ConfigError(f"optim.cpu_offload_fraction={cfg.optim.cpu_offload_fraction} offloads GPU optimizer state; "
                           "on CPU everything is already in host memory: set it to 0")
+    if r.placement == "colocated" and r.transport == "distributed" and device_type == "cuda":
+        raise ConfigError("rollout.transport=distributed with placement=colocated on GPUs puts trainer rank 0 and the "
+                          "engine's TP rank 0 on one GPU in one NCCL group, which NCCL refuses: use rollout.transport="
+                          "tensor (CUDA IPC) or disk")
     if r.placement != "separate" or device_type != "cuda":
         return
 
@@ -63,6 +73,11 @@ def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
     """Run training; returns the process exit code."""
     cfg = load_config(recipe, overrides)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from megatron_papo.preemption import Preemption
+
+    # installed first: a signal during the (long) model/engine start is acted on at the first safe point
+    ck = cfg.checkpoint
+    preemption = Preemption(ck.preempt_signals, ck.preempt_timeout_s) if ck.preempt_signals else None
     from megatron_papo.parallel import init_distributed, shutdown
 
     groups = init_distributed(cfg.parallel, seed=cfg.seed)
@@ -85,11 +100,15 @@ def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
     from megatron_papo.trainer import Trainer
 
     factory = None if cfg.mode == "train_from_rollouts" else (lambda c, d: make_engine(c.rollout, d).start())
-    trainer = Trainer(cfg, groups, hf_dir, engine_factory=factory)
-    signal.signal(signal.SIGTERM, lambda *_: (trainer.close(), sys.exit(143)))
     try:
-        trainer.run()
+        trainer = Trainer(cfg, groups, hf_dir, engine_factory=factory)
+    except BaseException:
+        shutdown()
+        raise
+    trainer.preemption = preemption
+    try:
+        code = trainer.run()  # 0, or 128+signal after a preemption save (143 for SIGTERM)
     finally:
         trainer.close()
         shutdown()
-    return 0
+    return code

@@ -20,14 +20,17 @@ import torch.distributed as dist
 
 from megatron_papo.actor import PolicyModel, StatsRequest, gather_token_stats, make_micro_batches
 from megatron_papo.algos import LossSpec, compute_advantages
-from megatron_papo.algos.dapo import fill_batch
-from megatron_papo.checkpoint.dist import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_papo.algos.dapo import apply_overlong_penalty, fill_batch, group_mean, keep_group
+from megatron_papo.checkpoint.dist import clean_stale, find_resumable, load_checkpoint, save_checkpoint
 from megatron_papo.config import Config
 from megatron_papo.data.collate import collate_rollouts, repeat_interleave
 from megatron_papo.data.dataset import PromptLoader, load_prompt_dataset
+from megatron_papo.errors import CheckpointError
 from megatron_papo.invariants import InvariantChecker, InvariantError  # noqa: F401  (InvariantError: re-export)
+from megatron_papo.nonfinite import SkippedSteps
 from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_lr_scheduler, current_lr
+from megatron_papo.preemption import Preemption
 from megatron_papo.rewards import build_reward_fn
 from megatron_papo.rollout.weight_sync import SyncState, sync_weights
 from megatron_papo.rollout_phase import Group, generate_groups, rollout_metrics
@@ -55,6 +58,9 @@ def engine_banned_ids(hf_dir: str, tokenizer: Any) -> list[int]:
 
 class Trainer:
     """Builds every part from the config and runs ``total_steps`` RL steps (resumable)."""
+
+    #: set by ``train.main`` before :meth:`run`: checked between steps (save, then exit 128+signal)
+    preemption: Optional[Preemption] = None
 
     def __init__(self, cfg: Config, groups: ParallelGroups, hf_dir: str, engine_factory: Any = None) -> None:
         from transformers import AutoProcessor
@@ -90,6 +96,8 @@ class Trainer:
         self._sync_state = SyncState() if cfg.rollout.skip_frozen else None
         self.step = 0
         self.skipped_updates = 0
+        self.skip_guard = SkippedSteps(cfg.optim.max_skipped_steps)
+        self._saved_step = 0
         resume = self._maybe_resume()
         initialised = resume is None and bool(cfg.checkpoint.init_from)
         if initialised:
@@ -120,14 +128,17 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def _maybe_resume(self) -> Optional[int]:
+        if self.is_rank0:
+            clean_stale(self.ckpt_root)
         if self.cfg.checkpoint.resume != "auto":
             return None
-        path = latest_checkpoint(self.ckpt_root)
+        path = self._resumable()
         if path is None:
             return None
         state = load_checkpoint(path, self.actor.chunks, self.actor.optimizer)
-        self.step = int(state["step"])
+        self.step = self._saved_step = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.skip_guard.consecutive = int(state.get("skipped_consecutive", 0))
         self.loader.load_state_dict(state["loader"])
         if "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -142,11 +153,29 @@ class Trainer:
             self.ref.load_weights(ckpt)
         log.info("initialised actor%s from %s (optimizer and step start fresh)", " and reference" if self.ref else "", path)
 
+    def _resumable(self) -> Optional[Path]:
+        """Rank 0 picks the newest valid checkpoint (falling back past broken ones) and tells every rank."""
+        choice: list[Any] = [None]
+        if self.is_rank0:
+            try:
+                choice = [find_resumable(self.ckpt_root)]
+            except CheckpointError as e:
+                choice = [e]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], CheckpointError):
+            raise choice[0]
+        return choice[0]
+
     def save(self) -> None:
-        save_checkpoint(self.ckpt_root, self.step, self.actor.chunks, self.actor.optimizer,
-                        trainer_state={"loader": self.loader.state_dict(), "skipped_updates": self.skipped_updates,
-                                       "lr_scheduler": self.lr_scheduler.state_dict(), "eval": self.validator.state_dict()},
-                        keep_last=self.cfg.checkpoint.keep_last)
+        """Collective: checkpoint the current step (refused, with an error logged, if a weight is non-finite)."""
+        state = {"loader": self.loader.state_dict(), "skipped_updates": self.skipped_updates,
+                 "skipped_consecutive": self.skip_guard.consecutive,
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "eval": self.validator.state_dict()}
+        ck = self.cfg.checkpoint
+        if save_checkpoint(self.ckpt_root, self.step, self.actor.chunks, self.actor.optimizer, trainer_state=state,
+                           keep_last=ck.keep_last, verify=ck.verify) is not None:
+            self._saved_step = self.step
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self) -> dict[str, float]:
@@ -202,7 +231,8 @@ class Trainer:
         else:
             a = cfg.algo
             res = fill_batch(draw, cfg.optim.rollout_batch_size, a.dynamic_sampling_max_tries,
-                             keep_fn=lambda g: a.dynamic_sampling_low < g.mean_accuracy < a.dynamic_sampling_high,
+                             keep_fn=lambda g: keep_group(group_mean(g.rewards, a.dynamic_sampling_key),
+                                                          a.dynamic_sampling_low, a.dynamic_sampling_high),
                              on_limit=a.dynamic_sampling_on_limit)
             groups, extra = res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
         if self.engine is not None and cfg.rollout.placement == "colocated" and self.groups.device.type == "cuda":
@@ -231,6 +261,9 @@ class Trainer:
                                  pad_to_multiple_of=self.actor.seq_multiple)
         batch.images_per_row = [int(s.image_grid_thw.shape[0]) for s in rows_samples]
         scores = torch.tensor([s for gr in groups for s in gr.scores], dtype=torch.float32)
+        scores, metrics["reward/overlong_frac"] = apply_overlong_penalty(  # DAPO soft overlong punishment (0 = off)
+            scores, torch.tensor([len(r) for r in responses]), cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer,
+            cfg.algo.overlong_penalty)
         adv = compute_advantages(cfg.algo.adv_estimator, scores, batch.group_index)  # not uids: a DAPO refill may repeat a prompt
         B = scores.numel()
         if B % g.dp_size:
@@ -354,12 +387,16 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> None:
+    def run(self) -> int:
+        """Train to ``total_steps``; returns 0, or 128+signal after a preemption (the last step saved)."""
         cfg = self.cfg
         bar = progress(total=cfg.total_steps, initial=self.step, desc="train", enabled=cfg.logging.progress)
         warn = CollapseDetector()
         while self.step < cfg.total_steps:
+            if self._preempted():
+                return self.preemption.exit_code
             step = self.step + 1
+            skipped_before = self.skipped_updates
             metrics = self.train_step(step)
             self.step = step
             if self.is_rank0:
@@ -367,17 +404,34 @@ class Trainer:
                     log.warning("step %d: %s", step, msg)
                 self.metrics.write(step, metrics)
                 log.info(_summary(step, cfg.total_steps, metrics))
+            self.skip_guard.update(step, self.skipped_updates - skipped_before, metrics.get("grad_norm", float("nan")))
             bar.update(1)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 self.evaluate(step)
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 self.save()
         bar.close()
+        if self._preempted():
+            return self.preemption.exit_code
         if cfg.eval_at_end:
             self.evaluate(self.step, final=True)
         if cfg.checkpoint.save_every == 0 or self.step % cfg.checkpoint.save_every:
             self.save()
         self.metrics.close()
+        return 0
+
+    def _preempted(self) -> bool:
+        """Collective check between steps: on a preemption signal save the last finished step (unless saved)."""
+        p = self.preemption
+        if p is None or not p.requested(self.groups.device):
+            return False
+        if self.step > self._saved_step:
+            self.save()
+        log.warning("preempted by %s: saved step %d (%s); exiting %d", p.signal_name, self._saved_step,
+                    self.ckpt_root / "latest", p.exit_code)
+        self.metrics.close()
+        p.finish()
+        return True
 
     def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
         """avg@k on every validation benchmark through the engine (rank 0): ``eval/<name>/*``, macro, best so far."""

@@ -7,15 +7,21 @@ again until ``target_groups`` groups survive, at most ``max_tries`` draws (refer
 ``<= 0`` = unlimited), then truncates to exactly ``target_groups``. At the limit the reference
 raises; ``on_limit="warn"`` instead logs a warning and returns the partial batch.
 
-Soft overlong punishment (DAPO paper, eq. 13; not used by PAPO, off by default): with expected
-length ``L_max - buffer``, a response of length ``L`` gets
-``0`` if ``L <= L_max - buffer``, ``(L_max - buffer - L) / buffer * penalty`` inside the buffer, and
-``-penalty`` beyond ``L_max``; it is added to the score before advantages.
+The filter reads one reward component (``algo.dynamic_sampling_key``), like EasyR1's
+``algorithm.filter_key``: the reference YAML says ``overall``, PAPO's DAPO scripts override it to ``accuracy``.
+
+Soft overlong punishment (DAPO paper, Yu et al. 2025, eq. 13; not used by PAPO's scripts, off by default):
+with ``L_max`` the response-length limit and ``L_cache`` the buffer, a response of ``|y|`` tokens gets
+``R_length = 0`` if ``|y| <= L_max - L_cache``, ``((L_max - L_cache) - |y|) / L_cache`` if
+``L_max - L_cache < |y| <= L_max``, and ``-1`` beyond ``L_max``, times a penalty factor (EasyR1's
+``overlong_penalty_factor``; 1 in the paper); it is added to the score before advantages. The trainer applies
+it after the filter, so the filter reads the reward components as the reward function returned them (in EasyR1's
+DAPO reward function the punishment is part of ``overall``, which only matters when filtering on ``overall``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Optional, TypeVar
 
@@ -30,6 +36,17 @@ T = TypeVar("T")
 def keep_group(mean_accuracy: float, low: float = 0.01, high: float = 0.99) -> bool:
     """True when a group's mean accuracy is strictly inside ``(low, high)``."""
     return low < mean_accuracy < high
+
+
+def group_mean(rewards: Sequence[Mapping[str, float]], key: str) -> float:
+    """Mean of reward component ``key`` (``accuracy``, ``overall``, ``format``...) over a group's responses."""
+    if not rewards:
+        raise ValueError("group_mean: a group without rewards")
+    missing = [i for i, r in enumerate(rewards) if key not in r]
+    if missing:
+        raise KeyError(f"reward component {key!r} is not in the rewards (they have {sorted(rewards[missing[0]])}); "
+                       "set algo.dynamic_sampling_key to one of those")
+    return sum(float(r[key]) for r in rewards) / len(rewards)
 
 
 def keep_groups(group_accuracies: Sequence[float], low: float = 0.01, high: float = 0.99) -> list[bool]:
@@ -102,3 +119,11 @@ def overlong_penalty(lengths_B: torch.Tensor, max_len: int, buffer: int, penalty
         raise ValueError(f"overlong buffer ({buffer}) must not exceed the max response length ({max_len})")
     expected = max_len - buffer
     return ((expected - lengths) / buffer * penalty).clamp(min=-penalty, max=0.0)
+
+
+def apply_overlong_penalty(scores_B: torch.Tensor, lengths_B: torch.Tensor, max_len: int, buffer: int,
+                           penalty: float = 1.0) -> tuple[torch.Tensor, float]:
+    """Scores with the soft overlong punishment added, and the fraction of responses it penalised (``[B]`` each
+    in; ``buffer <= 0`` returns the scores unchanged and 0)."""
+    pen = overlong_penalty(lengths_B, max_len, buffer, penalty).to(scores_B.device)
+    return scores_B + pen.to(scores_B.dtype), float((pen < 0).float().mean()) if pen.numel() else 0.0

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_papo.checkpoint.dist import TRAINER_STATE, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_papo.checkpoint.dist import TRAINER_STATE, cause_line, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_papo.utils.logging import get_logger, progress
 
 log = get_logger("convert")
@@ -259,8 +259,8 @@ def mcore_to_hf(ckpt: Path, hf_base: Path, out: Path, pg: Any, *, dtype: Optiona
     try:
         load_checkpoint(ckpt, [as_saved(model, ckpt)], optimizer=None, load_rng=False)
     except Exception as e:  # shape/key mismatches surface deep inside mcore; name the likely cause
-        raise ConvertError(f"loading {ckpt} into the architecture of {hf_base} failed ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:300]}); is --hf-base the model this run was trained from?") from e
+        raise ConvertError(f"loading {ckpt} into the architecture of {hf_base} failed ({cause_line(e)}); is "
+                           "--hf-base the model this run was trained from?") from None
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier()

@@ -2,12 +2,19 @@
 
 Layout of ``<ckpt_root>``::
 
-    step_000010/            one complete checkpoint (mcore torch_dist format + trainer_state.json)
+    step_000010/            one complete checkpoint (mcore torch_dist format + trainer_state.json + manifest.json)
     latest                  text file naming the newest COMPLETE checkpoint directory
 
-A checkpoint is written to ``.tmp_step_000010`` and renamed only after every rank has finished, then
-``latest`` is replaced atomically (write + os.replace). A crash at any point leaves ``latest``
-pointing at the previous complete checkpoint. Checkpoints reshard on load (any TP/PP).
+A checkpoint is written to ``.tmp_step_000010`` by every rank; then rank 0 checks that the weights are finite
+(a non-finite model is never written), writes ``manifest.json`` (every file's size, CRC32s: :func:`write_manifest`,
+the one function that describes a checkpoint) and renames the directory; only then is ``latest`` replaced
+atomically (write + os.replace). A crash at any point leaves ``latest`` pointing at the previous complete
+checkpoint; stale ``.tmp_*`` directories of interrupted saves are removed by :func:`clean_stale`.
+
+On resume :func:`find_resumable` checks ``latest``'s checkpoint against its manifest and, when it fails (a
+truncated or missing file, a changed CRC, an unreadable trainer state), warns with the path and the reason and
+falls back to the newest checkpoint that passes. Pruning (``keep_last``) keeps the newest ``keep_last``
+checkpoints and never removes the newest valid one. Checkpoints reshard on load (any TP/PP).
 """
 
 from __future__ import annotations
@@ -16,16 +23,20 @@ import json
 import os
 import pickle
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_papo.errors import CheckpointError
 from megatron_papo.utils.logging import get_logger
 
 log = get_logger("checkpoint")
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+SMALL_FILE = 64 << 20  # files up to this size always get a CRC32 in the manifest
 
 
 def step_dir_name(step: int) -> str:
@@ -33,15 +44,133 @@ def step_dir_name(step: int) -> str:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint under ``root`` (via ``latest``), or None."""
+    """The checkpoint ``latest`` names under ``root`` (must be complete), or None when there is no marker."""
     root = Path(root)
     marker = root / "latest"
     if not marker.is_file():
         return None
     path = root / marker.read_text().strip()
     if not (path / TRAINER_STATE).is_file():
-        raise RuntimeError(f"checkpoint marker {marker} points at incomplete {path}; delete the marker to start fresh")
+        raise CheckpointError(f"checkpoint marker {marker} points at incomplete {path}; delete the marker to start fresh")
     return path
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def write_manifest(ckpt_dir: str | os.PathLike, step: int, *, verify: str = "size") -> dict[str, Any]:
+    """Describe every file of a written checkpoint in ``manifest.json`` (size; CRC32 for files up to 64 MiB, or
+    for all with ``verify="checksum"``). The one place that defines what a complete checkpoint is: an async
+    writer calls it after its files are flushed, before ``latest`` moves."""
+    ckpt_dir = Path(ckpt_dir)
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(ckpt_dir.rglob("*")):
+        if not p.is_file() or p.name == MANIFEST:
+            continue
+        entry: dict[str, Any] = {"size": p.stat().st_size}
+        if verify == "checksum" or entry["size"] <= SMALL_FILE:
+            entry["crc32"] = _crc32(p)
+        files[p.relative_to(ckpt_dir).as_posix()] = entry
+    manifest = {"format": 1, "step": step, "verify": verify, "files": files}
+    tmp = ckpt_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, ckpt_dir / MANIFEST)
+    return manifest
+
+
+def validate_checkpoint(path: str | os.PathLike) -> Optional[str]:
+    """None when ``path`` is a usable checkpoint, else the reason (one phrase naming the bad file).
+
+    Checks the trainer state parses and every file in ``manifest.json`` exists with its size and CRC32.
+    A checkpoint without a manifest (written before manifests existed) passes with its trainer state only."""
+    path = Path(path)
+    if not path.is_dir():
+        return "directory missing"
+    try:
+        json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{path / TRAINER_STATE} unreadable ({type(e).__name__})"
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        return None
+    try:
+        files = json.loads(mpath.read_text())["files"]
+        files = {str(k): {"size": int(v["size"]), **({"crc32": str(v["crc32"])} if "crc32" in v else {})}
+                 for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{mpath} unreadable ({type(e).__name__})"
+    for rel, entry in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != entry["size"]:
+            return f"{f} has {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
+        if "crc32" in entry and _crc32(f) != entry["crc32"]:
+            return f"{f} fails its CRC32 check (corrupt)"
+    return None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+
+
+def find_resumable(root: str | os.PathLike, fix_marker: bool = True) -> Optional[Path]:
+    """The newest usable checkpoint under ``root``: ``latest``'s if it validates, else the newest valid step dir
+    (each failing one is warned about with its path and reason). None when there is none to resume from;
+    CheckpointError when checkpoints exist but none is usable. With ``fix_marker`` (rank 0), ``latest`` is
+    pointed at the one returned."""
+    root = Path(root)
+    marker = root / "latest"
+    named = root / marker.read_text().strip() if marker.is_file() else None
+    candidates = ([named] if named is not None else []) + [p for p in _step_dirs(root) if p != named]
+    bad = []
+    for path in candidates:
+        reason = validate_checkpoint(path)
+        if reason is None:
+            if bad:
+                log.warning("resuming from %s instead (the newest checkpoint that passes validation)", path)
+                if fix_marker:
+                    _write_marker(root, path)
+            return path
+        log.warning("checkpoint %s is unusable: %s; falling back to the previous one", path, reason)
+        bad.append(f"{path.name}: {reason}")
+    if bad:
+        raise CheckpointError(f"no usable checkpoint in {root} ({'; '.join(bad)}); move the broken ones away, or set "
+                              "checkpoint.resume=never (or a new run_dir) to start fresh")
+    return None
+
+
+def clean_stale(root: str | os.PathLike) -> list[Path]:
+    """Remove ``.tmp_*`` directories that interrupted saves left behind (rank 0, at start); returns them."""
+    root = Path(root)
+    stale = sorted(p for p in root.glob(".tmp_*") if p.is_dir()) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted save", p)
+    return stale
+
+
+def _write_marker(root: Path, path: Path) -> None:
+    marker_tmp = root / ".latest.tmp"
+    marker_tmp.write_text(path.name)
+    os.replace(marker_tmp, root / "latest")
+
+
+def weights_finite(model_chunks: list[torch.nn.Module]) -> bool:
+    """True when every parameter of every chunk on every rank is finite (collective: MIN over the world)."""
+    ok = all(bool(torch.isfinite(p).all()) for m in model_chunks for p in m.parameters())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = next((p.device for m in model_chunks for p in m.parameters()), torch.device("cpu"))
+        flag = torch.tensor([1.0 if ok else 0.0], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item() > 0)
+    return ok
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -81,12 +210,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch.nn.Module], optimizer: Any = None,
-                    trainer_state: Optional[dict[str, Any]] = None, keep_last: int = 0) -> Path:
-    """Collective: save model (+ optimizer) shards, per-rank RNG states and ``trainer_state`` atomically."""
+                    trainer_state: Optional[dict[str, Any]] = None, keep_last: int = 0,
+                    verify: str = "size") -> Optional[Path]:
+    """Collective: save model (+ optimizer) shards, per-rank RNG states and ``trainer_state`` atomically, with a
+    manifest written before ``latest`` moves. Returns the checkpoint dir, or None (nothing written, error
+    logged) when a weight is not finite."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if not weights_finite(model_chunks):
+        log.error("NOT saving step %d: the model holds non-finite weights; 'latest' still names the last good "
+                  "checkpoint", step)
+        return None
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}"
     if rank == 0:
@@ -104,12 +240,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch
     _barrier()
     if rank == 0:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **(trainer_state or {})}, indent=1))
+        write_manifest(tmp, step, verify=verify)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker_tmp = root / ".latest.tmp"
-        marker_tmp.write_text(final.name)
-        os.replace(marker_tmp, root / "latest")
+        _write_marker(root, final)
         if keep_last > 0:
             _prune(root, keep_last)
         log.info("saved checkpoint %s", final)
@@ -126,7 +261,12 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module]
     sd = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True)
-    loaded = dist_checkpointing.load(sd, str(path))
+    try:
+        loaded = dist_checkpointing.load(sd, str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException, mcore's errors are not
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {cause_line(e)}") from e
     if len(model_chunks) == 1:
         _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
@@ -142,10 +282,28 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module]
     return json.loads((path / TRAINER_STATE).read_text())
 
 
+def cause_line(e: BaseException) -> str:
+    """The informative line of a (possibly multi-rank, multi-line) checkpointing error."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.search(r"\w+(Error|Exception): ", ln)]
+    return (named[-1] if named else lines[0] if lines else type(e).__name__)[:400]
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Remove all but the newest ``keep_last`` step dirs, never the one ``latest`` names nor the newest valid one."""
+    steps = _step_dirs(root)
+    keep = set(steps[:keep_last])
+    marker = root / "latest"
+    if marker.is_file():
+        keep.add(root / marker.read_text().strip())
+    newest_valid = next((p for p in steps if validate_checkpoint(p) is None), None)
+    if newest_valid is not None:
+        keep.add(newest_valid)
+    for old in steps:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _barrier() -> None:

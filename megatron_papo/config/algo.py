@@ -52,13 +52,17 @@ class AlgoConfig:
     dynamic_sampling: bool = field(False, help="DAPO: keep only groups with mean accuracy in (low, high)")
     dynamic_sampling_low: float = field(0.01, help="DAPO filter lower bound (exclusive)")
     dynamic_sampling_high: float = field(0.99, help="DAPO filter upper bound (exclusive)")
-    dynamic_sampling_key: str = field("accuracy", help="DAPO filter on this reward component (accuracy | overall | format)")
+    dynamic_sampling_key: str = field(
+        "accuracy", help="DAPO filter on the group mean of this reward component (accuracy | overall | format; EasyR1's "
+        "filter_key: its YAML says overall, PAPO's DAPO scripts accuracy)")
     dynamic_sampling_max_tries: int = field(20, help="DAPO: draws before giving up filling the batch; <= 0 = unlimited")
     dynamic_sampling_on_limit: Literal["raise", "warn"] = field(
         "raise", help="DAPO at the try limit: raise (reference) or warn and train on the partial batch")
     overlong_buffer: int = field(
-        0, help="DAPO soft overlong punishment: buffer length before the max response length; 0 = off (PAPO: off)")
-    overlong_penalty: float = field(1.0, help="DAPO soft overlong punishment maximum (added to the score as -penalty)")
+        0, help="DAPO soft overlong punishment: L_cache, the last tokens before rollout.max_new_tokens (L_max) over "
+        "which the score falls linearly by up to overlong_penalty; 0 = off (PAPO's scripts: off)")
+    overlong_penalty: float = field(1.0, help="DAPO soft overlong punishment factor (EasyR1 overlong_penalty_factor): "
+                                    "the score loses this much at L_max")
 
     def __post_init__(self) -> None:
         for name, known in (("adv_estimator", ADV_ESTIMATORS), ("kl_estimator", KL_ESTIMATORS),

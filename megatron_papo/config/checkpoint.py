@@ -14,6 +14,15 @@ class CheckpointConfig:
 
     save_every: int = field(5, help="save every N training steps; 0 = only at the end")
     keep_last: int = field(3, help="keep the newest K checkpoints")
+    verify: Literal["size", "checksum"] = field(
+        "size", help="manifest written with every checkpoint before 'latest' moves, checked on resume: file sizes "
+        "(plus CRC32 of files under 64 MiB), or CRC32 of every file (reads the whole checkpoint on save and resume)")
+    preempt_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"], help="signals that mean preemption: the current step is "
+        "finished, a checkpoint saved and the run exits 128+signal (143 for SIGTERM); [] = default handling")
+    preempt_timeout_s: float = field(
+        300.0, help="after a preemption signal, exit (128+signal, without a new checkpoint) if finishing the step "
+        "and saving take longer than this; keep it below the scheduler's grace period")
     resume: Literal["auto", "never"] = field("auto", help="auto: continue from the latest complete checkpoint")
     init_from: Optional[str] = field(
         None, help="start a new run from these model weights: a dist-checkpoint (megatron-papo convert hf2mcore "

@@ -36,10 +36,15 @@ class ModelConfig:
     transformer_impl: Literal["local", "transformer_engine"] = field(
         "local", help="layer spec: local torch modules (CPU and GPU) or Transformer Engine (GPU only)")
     fp8: Optional[Literal["e4m3", "hybrid"]] = field(None, help="FP8 format (transformer_engine only); null = off")
-    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field("delayed", help="FP8 scaling recipe")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field(
+        "tensorwise", help="FP8 scaling recipe: tensorwise (per-tensor current scaling), delayed (no bf16 "
+        "first/last layers), blockwise (Hopper+), mxfp8 (Blackwell)")
     fp8_param_gather: bool = field(False, help="keep FP8 copies of params for the all-gather (distributed optimizer)")
     fp8_bf16_first_last_layers: int = field(1, help="number of first and last layers kept in bf16 under FP8")
     recompute: Literal["none", "selective", "full"] = field("none", help="activation recomputation")
+    logits_chunk_size: int = field(
+        2048, help="loss kernel (ops/vocab_parallel.token_stats): tokens per block of its fp32 [tokens, vocab/tp] work "
+        "buffers; 2048 x 152k vocab = 1.16 GiB per buffer at TP=1 (0.58 GiB at TP=2). 0 = a micro-batch at once")
     offload_ref: bool = field(False, help="colocated GPUs: keep the reference model in host memory except during "
                               "its log-prob pass (no effect on CPU)")
     freeze_vision_tower: bool = field(False, help="do not train the vision tower (PAPO trains it)")

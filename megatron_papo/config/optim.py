@@ -26,7 +26,10 @@ class OptimConfig:
     adam_beta1: float = field(0.9, help="AdamW beta1")
     adam_beta2: float = field(0.999, help="AdamW beta2")
     adam_eps: float = field(1.0e-8, help="AdamW epsilon")
-    clip_grad: float = field(1.0, help="global grad-norm clip; non-finite norms skip the step")
+    clip_grad: float = field(1.0, help="global grad-norm clip (0 = off); a non-finite loss or grad norm skips the "
+                             "update (fp32, bf16, fp16), counted in update/skipped_total")
+    max_skipped_steps: int = field(3, help="stop the run (exit 3, one line) after this many consecutive steps with a "
+                                   "skipped update; 0 = never stop")
     use_distributed_optimizer: bool = field(False, help="shard optimizer state over data-parallel ranks")
     cpu_offload_fraction: float = field(0.0, help="share of the optimizer state and step kept on the CPU (mcore "
                                         "HybridDeviceOptimizer; needs use_distributed_optimizer); 0 = off")

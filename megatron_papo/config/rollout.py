@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import Any, Literal
 
-from megatron_papo.config.base import field
+from megatron_papo.config.base import ConfigError, field
+
+#: engine keyword arguments that other ``rollout`` fields own (one owner per knob)
+OWNED_ENGINE_KWARGS: dict[str, dict[str, str]] = {
+    "sglang": {"model_path": "model.path", "tp_size": "rollout.engine_tp", "random_seed": "rollout.seed",
+               "base_gpu_id": "rollout.engine_base_gpu"},
+    "vllm": {"model": "model.path", "tensor_parallel_size": "rollout.engine_tp", "seed": "rollout.seed"},
+}
 
 
 @dataclass
@@ -35,3 +43,51 @@ class RolloutConfig:
     seed: int = field(1, help="engine sampling seed")
     engine_tp: int = field(1, help="tensor-parallel size of the rollout engine (its own GPUs/processes)")
     skip_frozen: bool = field(True, help="weight sync: push frozen (requires_grad=False) parameters only once")
+    engine_kwargs: dict[str, Any] = field(
+        default_factory=dict, help="extra keyword arguments of the engine (SGLang: ServerArgs fields such as "
+        "mem_fraction_static, enable_memory_saver, enable_weights_cpu_backup, cuda_graph_max_bs; vLLM: LLM/EngineArgs "
+        "fields); they override the adapter's defaults. Set one with rollout.engine_kwargs.<name>=<value>")
+
+
+@cache
+def engine_arg_names(engine: str) -> frozenset[str] | None:
+    """Keyword arguments the installed engine accepts (SGLang: ``ServerArgs`` fields; vLLM: ``EngineArgs``
+    fields), or None when that engine is not installed here (then nothing is checked)."""
+    import dataclasses
+
+    try:
+        if engine == "sglang":
+            from sglang.srt.arg_groups.arg_utils import field_names
+            from sglang.srt.server_args import ServerArgs
+
+            return frozenset(field_names(ServerArgs))
+        from vllm.engine.arg_utils import EngineArgs
+
+        return frozenset(f.name for f in dataclasses.fields(EngineArgs))
+    except ImportError:
+        return None
+
+
+def check_engine_kwargs(engine: str, kwargs: dict[str, Any]) -> None:
+    """Reject ``rollout.engine_kwargs`` keys that another field owns or that the engine does not know (one line)."""
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise ConfigError(f"rollout.engine_kwargs: key {key!r} must be a string (an engine argument name)")
+        owner = OWNED_ENGINE_KWARGS.get(engine, {}).get(key)
+        if owner is not None:
+            raise ConfigError(f"rollout.engine_kwargs.{key} is set by {owner}: set {owner} instead")
+        if engine == "vllm" and key == "logprobs_mode" and kwargs[key] != "processed_logprobs":
+            raise ConfigError(f"rollout.engine_kwargs.logprobs_mode={kwargs[key]!r}: the trainer compares against "
+                              "processed_logprobs (temperature and banned ids applied); remove it")
+    known = engine_arg_names(engine) if kwargs else None
+    if known is None:
+        return
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        import difflib
+
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        what = "ServerArgs" if engine == "sglang" else "EngineArgs"
+        raise ConfigError(f"rollout.engine_kwargs: {', '.join(unknown)} not a field of {engine}'s {what}"
+                          + "".join(f" (did you mean {h[0]}?)" for h in hints.values() if h)
+                          + "; see its server arguments for the names")

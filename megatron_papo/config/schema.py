@@ -13,9 +13,10 @@ from megatron_papo.config.checkpoint import CheckpointConfig
 from megatron_papo.config.data import DataConfig
 from megatron_papo.config.logging import LoggingConfig
 from megatron_papo.config.model import ModelConfig
+from megatron_papo.config.numeric import check_numbers
 from megatron_papo.config.optim import OptimConfig
 from megatron_papo.config.parallel import ParallelConfig
-from megatron_papo.config.rollout import RolloutConfig
+from megatron_papo.config.rollout import RolloutConfig, check_engine_kwargs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO_ROOT / "launch" / "configs"
@@ -108,6 +109,7 @@ def load_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> 
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no process group (world-size checks live in parallel/)."""
     a, o, r = cfg.algo, cfg.optim, cfg.rollout
+    check_numbers(cfg)  # finite, and in range (config/numeric.py)
     if r.n < 1:
         raise ConfigError(f"rollout.n={r.n} must be >= 1")
     if a.adv_estimator in ("grpo", "dapo", "rloo") and r.n < 2:
@@ -120,6 +122,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algo.kl_coef={a.kl_coef} has no effect with algo.use_ref=false; set algo.kl_coef=0")
     if a.aug_entropy_coef > 0 and a.kl_prcp_coef <= 0:
         raise ConfigError("algo.aug_entropy_coef > 0 needs the masked view: set algo.kl_prcp_coef > 0")
+    if a.overlong_buffer > r.max_new_tokens:
+        raise ConfigError(f"algo.overlong_buffer={a.overlong_buffer} exceeds rollout.max_new_tokens={r.max_new_tokens} "
+                          "(the buffer is the last part of the allowed length); lower it or set it to 0 (off)")
+    if cfg.model.logits_chunk_size < 0:
+        raise ConfigError(f"model.logits_chunk_size={cfg.model.logits_chunk_size} must be >= 0 (0 = unchunked)")
     if cfg.model.fp8 is not None and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError(f"model.fp8={cfg.model.fp8} needs model.transformer_impl=transformer_engine")
     if r.placement == "separate" and r.transport == "tensor":
@@ -127,6 +134,7 @@ def validate(cfg: Config) -> None:
                           "transport shares memory with the engine)")
     if r.placement == "separate" and r.engine != "sglang":
         raise ConfigError(f"rollout.placement=separate is implemented for the SGLang engine only (got {r.engine})")
+    check_engine_kwargs(r.engine, r.engine_kwargs)
     if r.placement == "colocated" and r.engine_base_gpu >= 0:
         raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} is for placement=separate; colocated engines "
                           "use the trainer's devices")
@@ -144,6 +152,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.cpu_offload_fraction={o.cpu_offload_fraction} must be in [0, 1]")
     if o.cpu_offload_fraction > 0 and not o.use_distributed_optimizer:
         raise ConfigError("optim.cpu_offload_fraction > 0 needs optim.use_distributed_optimizer=true")
+    if o.cpu_offload_fraction > 0 and cfg.model.fp8_param_gather and cfg.model.fp8_recipe != "delayed":
+        raise ConfigError(f"optim.cpu_offload_fraction > 0 with model.fp8_param_gather=true needs model.fp8_recipe="
+                          f"delayed (got {cfg.model.fp8_recipe}); set model.fp8_param_gather=false")
     _validate_lr_schedule(cfg)
     _validate_eval_datasets(cfg.eval_datasets)
     from megatron_papo.utils.trackers import check_backends

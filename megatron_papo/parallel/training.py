@@ -8,6 +8,7 @@ gradients are zeroed every step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
@@ -89,17 +90,37 @@ def wrap_ddp(model_chunks: list[torch.nn.Module], groups: ParallelGroups, *, use
     return wrapped
 
 
-def build_optimizer(model_chunks: list[torch.nn.Module], settings: OptimSettings, groups: ParallelGroups) -> Any:
-    """mcore's Megatron optimizer (Adam; optionally the distributed optimizer) over the DDP chunks."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def optimizer_config_kwargs(settings: OptimSettings, device_type: str) -> dict[str, Any]:
+    """Keyword arguments of mcore's ``OptimizerConfig`` for ``settings`` on a ``cuda`` or ``cpu`` device.
 
-    ocfg = OptimizerConfig(
+    CPU offload (``cpu_offload_fraction > 0``) builds mcore's ``HybridDeviceOptimizer``, which works through the
+    precision-aware optimizer path: ``use_precision_aware_optimizer=True`` makes the distributed optimizer hand it
+    the bf16 parameter shards and gradients (``decoupled_grad``) instead of keeping fp32 master shards of its own on
+    the GPU, and the hybrid optimizer keeps the fp32 masters and Adam state of the offloaded share on the CPU
+    (Megatron-LM's argument check requires the flag with ``--optimizer-cpu-offload`` for this reason). The flag
+    also needs the distributed optimizer and Adam with decoupled weight decay (mcore's defaults here). Host
+    buffers are pinned only on CUDA, where there is something to pin for.
+    """
+    offload = settings.cpu_offload_fraction > 0
+    kw: dict[str, Any] = dict(
         optimizer="adam", lr=settings.lr, weight_decay=settings.weight_decay, adam_beta1=settings.adam_beta1,
         adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps, clip_grad=settings.clip_grad,
         bf16=settings.bf16, fp16=settings.fp16, use_distributed_optimizer=settings.use_distributed_optimizer,
         params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
-        optimizer_cpu_offload=settings.cpu_offload_fraction > 0, optimizer_offload_fraction=settings.cpu_offload_fraction,
+        optimizer_cpu_offload=offload, optimizer_offload_fraction=settings.cpu_offload_fraction,
     )
+    if offload:
+        kw.update(use_precision_aware_optimizer=True, decoupled_weight_decay=True,
+                  pin_cpu_grads=device_type == "cuda", pin_cpu_params=device_type == "cuda")
+    return kw
+
+
+def build_optimizer(model_chunks: list[torch.nn.Module], settings: OptimSettings, groups: ParallelGroups) -> Any:
+    """mcore's Megatron optimizer (Adam; optionally the distributed optimizer, optionally part on the CPU) over the
+    DDP chunks (see :func:`optimizer_config_kwargs`)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ocfg = OptimizerConfig(**optimizer_config_kwargs(settings, groups.device.type))
     return get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=False, pg_collection=groups.mcore)
 
 
@@ -133,10 +154,44 @@ def _p2p(groups: ParallelGroups, cfg: Any) -> Any:
 
 
 def optimizer_step(optimizer: Any) -> tuple[bool, float, int]:
-    """One optimizer step; returns (updated, grad_norm, zeros). Non-finite grad norms skip the update."""
-    updated, grad_norm, num_zeros = optimizer.step()
+    """One optimizer step; returns (updated, grad_norm, zeros). A non-finite grad norm skips the update
+    (:func:`guarded_step`, in fp32 as in bf16/fp16)."""
+    updated, grad_norm = guarded_step(optimizer)
     optimizer.zero_grad()
-    return bool(updated), float(grad_norm) if grad_norm is not None else float("nan"), int(num_zeros or 0)
+    return updated, grad_norm, 0
+
+
+def guarded_step(optimizer: Any, loss: Optional[torch.Tensor] = None, device: Any = None) -> tuple[bool, float]:
+    """mcore's optimizer step, skipped when the loss or the global grad norm is not finite; returns
+    ``(updated, grad_norm)``. Collective: every rank of the job must call it.
+
+    mcore's own ``step()`` skips only on the grad scaler's inf/nan flag (fp16); in fp32 and bf16 it clips a NaN
+    norm and writes NaN weights. This runs the same stages (``prepare_grads`` -> ``get_grad_norm`` -> clip ->
+    ``step_with_ready_grads``) and decides in between. The decision is all-reduced (MAX) over the world, so
+    every rank skips or steps together even when only one pipeline stage sees the loss. Works for the plain,
+    distributed and chained optimizers (the grad norm is already reduced over each one's stats group).
+    """
+    import torch.distributed as dist
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = bool(optimizer.prepare_grads())
+    norm = optimizer.get_grad_norm() if not found_inf else float("nan")
+    grad_norm = float(norm) if norm is not None else 0.0
+    bad = found_inf or not math.isfinite(grad_norm) or (loss is not None and not bool(torch.isfinite(loss).all()))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if bad else 0.0], device=device if device is not None else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item() > 0)
+    if bad:
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def zero_grads(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:

@@ -20,4 +20,12 @@ def build_reward_fn(data_cfg: Any) -> Any:
                       timeout_s=data_cfg.reward_timeout_s)
 
 
-__all__ = ["RewardFn", "build_reward_fn", "get_reward_fn", "reward_names"]
+def score(reward_fn: Any, responses: list[str], answers: list[str], ids: list[str]) -> list[dict[str, float]]:
+    """``reward_fn(responses, answers)``, passing the samples' ids (for failure logs) to a reward_fn that takes them
+    (``takes_sample_ids = True``, as ``RewardPool``); any plain callable works too."""
+    if getattr(reward_fn, "takes_sample_ids", False):
+        return reward_fn(responses, answers, ids=ids)
+    return reward_fn(responses, answers)
+
+
+__all__ = ["RewardFn", "build_reward_fn", "get_reward_fn", "reward_names", "score"]

@@ -100,6 +100,9 @@ def _stop_all(workers: list[_Worker]) -> None:
 class RewardPool:
     """``reward_fn(responses, answers, ids=None) -> list[dict]`` over worker processes (see module docstring)."""
 
+    #: ``rewards.score`` passes the samples' ids (``step<s>/uid<u>/<k>``) for the failure log
+    takes_sample_ids = True
+
     def __init__(self, spec: str, *, format_weight: float = 0.1, workers: int = 2, timeout_s: float = 30.0,
                  start_method: str = "spawn") -> None:
         self.spec, self.format_weight, self.num_workers, self.timeout_s = spec, format_weight, workers, timeout_s

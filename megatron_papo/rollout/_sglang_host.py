@@ -32,16 +32,22 @@ def _update_serialized(engine: Any, payloads: list, load_format: str, flush_cach
 
 
 def _update_flat(engine: Any, flat: Any, meta: list, flush_cache: bool) -> Any:
-    """A flattened CPU bucket (see ``weight_transport.flatten_bucket``) in SGLang's flattened_bucket format."""
+    """A flattened CPU bucket (see ``weight_transport.flatten_bucket``) in SGLang's flattened_bucket format.
+
+    One serialisation per TP rank: a shared-memory CPU tensor is pickled as a ``DupFd`` that multiprocessing's
+    resource sharer hands out exactly once, so a payload repeated for a second rank fails there (EOFError).
+    """
     import torch
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
+    from megatron_papo.rollout.weight_transport import per_rank_payloads
+
     metadata = [FlattenedTensorMetadata(name=n, shape=torch.Size(shape), dtype=getattr(torch, dt), start_idx=s, end_idx=e,
                                         numel=e - s) for n, shape, dt, s, e in meta]
-    payload = MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": metadata}, output_str=True)
-    tp = int(engine.server_args.tp_size)
-    return _update_serialized(engine, [payload] * tp, "flattened_bucket", flush_cache)
+    payloads = per_rank_payloads({"flattened_tensor": flat, "metadata": metadata}, int(engine.server_args.tp_size),
+                                 lambda o: MultiprocessingSerializer.serialize(o, output_str=True))
+    return _update_serialized(engine, payloads, "flattened_bucket", flush_cache)
 
 
 HANDLERS: dict[str, Callable[..., Any]] = {
@@ -77,6 +83,10 @@ def host_main(conn: Any, engine_kwargs: dict[str, Any], env: dict[str, str]) -> 
     cpu_shim.activate()
     try:
         import sglang
+
+        from megatron_papo.rollout.cpu_shim import seeded
+
+        seeded.install()  # CPU only: per-request sampling seeds honoured (cpu_shim/seeded.py)
 
         engine = sglang.Engine(**engine_kwargs)
     except BaseException:

@@ -23,6 +23,14 @@ import torch
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
+def empty_cuda_cache() -> None:
+    """Give this process's cached, unused CUDA blocks back to the driver, so that a colocated engine can map its
+    memory again (a no-op where CUDA is not initialised, e.g. on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 class EngineError(RuntimeError):
     """A rollout engine failed (died, refused a request, or could not start)."""
 

@@ -35,6 +35,7 @@ from megatron_papo.rollout.base import (
     GenerationResult,
     NamedTensors,
     SamplingParams,
+    empty_cuda_cache,
 )
 from megatron_papo.rollout.procs import TrackedProcess, end_processes, track_tree
 from megatron_papo.rollout.tokens import PLACEHOLDER_TOKENS, banned_token_ids, eos_token_ids, to_engine_prompt_ids
@@ -54,17 +55,45 @@ CPU_ENGINE_KWARGS: dict[str, Any] = {
     "mem_fraction_static": 0.8,
 }
 
+#: GPU defaults of a colocated engine (it shares the trainer's GPUs and gives them back while the actor trains).
+#: Read against SGLang 0.5.23 (``managers/scheduler_components/weight_updater.py``, ``utils/torch_memory_saver_adapter.py``,
+#: ``model_executor/model_runner_components/load_model_utils.py``, ``mem_cache/kv_cache_configurator.py``):
+#:
+#: * ``enable_memory_saver``: without it SGLang uses a no-op adapter and ``release_memory_occupation`` frees nothing.
+#: * ``enable_weights_cpu_backup``: the released weights are otherwise lost and come back as garbage; a resume is
+#:   not always followed by a full push (``rollout.skip_frozen`` pushes frozen parameters once, ``mode=rollout_only``
+#:   never pushes, evaluation may generate before a sync). Costs one pinned host copy of the engine's weights.
+#:   Turn it off with ``rollout.engine_kwargs.enable_weights_cpu_backup=false`` when every resume is followed by a
+#:   full push (no frozen parameters, ``skip_frozen=false``).
+#: * ``mem_fraction_static=0.5``: SGLang 0.5.23 sizes weights + KV pool as ``f * (memory free when the engine
+#:   starts)`` (``pre_model_load_memory``), i.e. after the actor and the reference are already resident. What the
+#:   trainer allocates later and keeps across a resume -- Adam moments, created at the first optimizer step
+#:   (8 bytes/param in fp32, 4x bf16 weights, divided by DP with the distributed optimizer) -- and the engine's own
+#:   non-static memory (sampling, vision encoder activations, CUDA graphs) must fit into the other half. 0.5 is
+#:   also verl's colocated default (``gpu_memory_utilization``). Raise it when the optimizer is offloaded.
+GPU_COLOCATED_ENGINE_KWARGS: dict[str, Any] = {
+    "enable_memory_saver": True,
+    "enable_weights_cpu_backup": True,
+    "mem_fraction_static": 0.5,
+}
+
+
 
 class SGLangEngine:
     """The SGLang engine behind the :class:`~megatron_papo.rollout.base.RolloutEngine` protocol."""
 
     #: the host process entry point (``_sglang_host.host_main``); tests substitute a fake host here
     host_target: Optional[Any] = None
+    #: on CPU the host starts SGLang's schedulers with ``cpu_shim/seeded.py`` (per-request seeds honoured)
+    cpu_seeded_sampling: bool = True
 
     def __init__(self, model_path: str, *, device: str = "auto", tp_size: int = 1, timeout_s: float = 600.0,
                  start_timeout_s: float = 900.0, seed: int = 1, transport: str = "tensor", bucket_mb: int = 512,
                  dtype: str = "auto", log_level: str = "error", engine_kwargs: Optional[dict[str, Any]] = None,
-                 ban_special_tokens: bool = True, base_gpu_id: int = -1) -> None:
+                 ban_special_tokens: bool = True, base_gpu_id: int = -1, colocated: Optional[bool] = None) -> None:
+        """``colocated`` (GPU): the engine shares the trainer's GPUs, so it starts with
+        :data:`GPU_COLOCATED_ENGINE_KWARGS`; None = colocated unless ``base_gpu_id >= 0``. ``engine_kwargs``
+        (``sglang.Engine`` / ServerArgs fields) override every default."""
         self.model_path = str(model_path)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.timeout_s = float(timeout_s)
@@ -81,8 +110,11 @@ class SGLangEngine:
                               "log_level": log_level, "skip_server_warmup": True}
         if self.device == "cpu":
             kw.update(CPU_ENGINE_KWARGS)
-        elif base_gpu_id >= 0:  # placement=separate: the engine's GPUs start here, after the trainer's
-            kw["base_gpu_id"] = base_gpu_id
+        else:
+            if colocated if colocated is not None else base_gpu_id < 0:
+                kw.update(GPU_COLOCATED_ENGINE_KWARGS)
+            if base_gpu_id >= 0:  # placement=separate: the engine's GPUs start here, after the trainer's
+                kw["base_gpu_id"] = base_gpu_id
         kw.update(engine_kwargs or {})
         self.engine_kwargs = kw
         vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None)
@@ -114,10 +146,10 @@ class SGLangEngine:
             from megatron_papo.rollout.sglang_server import SGLangServerEngine
 
             cls = SGLangServerEngine
-        extra = dict(getattr(cfg, "engine_kwargs", None) or {})
-        return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), timeout_s=cfg.timeout_s,
-                   start_timeout_s=getattr(cfg, "start_timeout_s", 900.0), seed=cfg.seed, transport=cfg.transport,
-                   bucket_mb=cfg.bucket_mb, engine_kwargs=extra, base_gpu_id=getattr(cfg, "engine_base_gpu", -1), **kwargs)
+        kwargs.setdefault("colocated", cfg.placement == "colocated")
+        return cls(model_path, tp_size=cfg.engine_tp, timeout_s=cfg.timeout_s, start_timeout_s=cfg.start_timeout_s,
+                   seed=cfg.seed, transport=cfg.transport, bucket_mb=cfg.bucket_mb, engine_kwargs=dict(cfg.engine_kwargs),
+                   base_gpu_id=cfg.engine_base_gpu, **kwargs)
 
     def start(self) -> SGLangEngine:
         """Start the host process and the SGLang engine in it; raise EngineError if it cannot start."""
@@ -235,6 +267,13 @@ class SGLangEngine:
         return self._recv(method, timeout)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def honours_seeds(self) -> bool:
+        """Per-request ``sampling_seed`` is used: GPU with deterministic inference, or the CPU engine (whose
+        schedulers run ``cpu_shim/seeded.py``)."""
+        return bool(self.engine_kwargs.get("enable_deterministic_inference")) or (
+            self.device == "cpu" and self.cpu_seeded_sampling)
+
     def _engine_ids(self, req: GenerationRequest) -> list[int]:
         if req.prompt_ids is not None:
             return to_engine_prompt_ids(req.prompt_ids, self.pad_ids)
@@ -260,17 +299,16 @@ class SGLangEngine:
         """``n`` responses for each request (GenerationRequest or ``(prompt_text_or_ids, images)``).
 
         Each request is sent once with SGLang's parallel sampling (shared prefill). ``seeds[i][k]``
-        (one per sample) are honoured only when the engine runs with
-        ``engine_kwargs={"enable_deterministic_inference": True}`` — then every sample is its own
+        (one per sample) are honoured when :attr:`honours_seeds`: on CPU (``cpu_shim/seeded.py``) or with
+        ``engine_kwargs={"enable_deterministic_inference": True}`` on GPU — then every sample is its own
         request with that ``sampling_seed``; otherwise they are ignored (warned once) and samples come
-        from the engine's RNG (``random_seed``). SGLang 0.5.23 refuses deterministic inference with
-        ``attention_backend="torch_native"``, so on CPU seeds cannot be honoured.
+        from the engine's RNG (``random_seed``).
         Returns ``results[i][k]`` for request i, sample k.
         """
         reqs = [GenerationRequest.coerce(r) for r in requests]
         if not reqs:
             return []
-        if seeds is not None and not self.engine_kwargs.get("enable_deterministic_inference"):
+        if seeds is not None and not self.honours_seeds:
             if not self._warned_seeds:
                 log.warning("SGLangEngine: per-sample seeds ignored (start with enable_deterministic_inference=True to use them)")
                 self._warned_seeds = True
@@ -335,14 +373,18 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------ memory / health
     def release_memory(self) -> None:
-        """Release KV cache and weights memory (GPU). A no-op on CPU: there it frees nothing, and
-        SGLang 0.5.23's scheduler calls ``torch.cuda.synchronize()`` in it and dies."""
+        """Release KV cache, weights and CUDA-graph memory (GPU; frees something only with ``enable_memory_saver``,
+        a colocated default), then empty this (the trainer's) process's CUDA cache. A no-op on CPU: there it frees
+        nothing, and SGLang 0.5.23's scheduler calls ``torch.cuda.synchronize()`` in it and dies."""
         if self.device != "cpu":
             self._call("release")
+            empty_cuda_cache()
 
     def resume_memory(self) -> None:
-        """Undo :meth:`release_memory` (no-op on CPU)."""
+        """Undo :meth:`release_memory`: first return the trainer's cached CUDA blocks (training activations) to the
+        driver, so the engine can map its memory again, then resume (no-op on CPU)."""
         if self.device != "cpu":
+            empty_cuda_cache()
             self._call("resume")
 
     def health(self, timeout: float = 30.0) -> dict[str, Any]:

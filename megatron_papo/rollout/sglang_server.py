@@ -68,6 +68,8 @@ class SGLangServerEngine(SGLangEngine):
 
     #: flat CPU buckets are moved to shared memory *by file name* while pickling (see ``_flat_payload``)
     shared_flat = False
+    #: sglang.launch_server starts its own schedulers: the CPU seeded-sampling plumbing is not applied there
+    cpu_seeded_sampling = False
 
     def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(model_path, **kwargs)
@@ -173,17 +175,22 @@ class SGLangServerEngine(SGLangEngine):
 
         metadata = [FlattenedTensorMetadata(name=n, shape=torch.Size(shape), dtype=getattr(torch, dt), start_idx=s,
                                             end_idx=e, numel=e - s) for n, shape, dt, s, e in meta]
-        buf = io.BytesIO()
+        from megatron_papo.rollout.weight_transport import per_rank_payloads
+
+        def serialize(obj: Any) -> str:  # one per TP rank: each pickling takes one shm reference for its receiver
+            buf = io.BytesIO()
+            ForkingPickler(buf).dump(obj)
+            return base64.b64encode(buf.getvalue()).decode()
+
         old = tmp.get_sharing_strategy()
         tmp.set_sharing_strategy("file_system")
         try:
-            ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": metadata})
+            payloads = per_rank_payloads({"flattened_tensor": flat, "metadata": metadata},
+                                         int(self.engine_kwargs.get("tp_size", 1)), serialize)
         finally:
             tmp.set_sharing_strategy(old)
-        payload = base64.b64encode(buf.getvalue()).decode()
         self._keepalive = flat  # the server maps the shared memory while it loads
-        tp = int(self.engine_kwargs.get("tp_size", 1))
-        return {"serialized_named_tensors": [payload] * tp, "load_format": "flattened_bucket", "flush_cache": flush_cache}
+        return {"serialized_named_tensors": payloads, "load_format": "flattened_bucket", "flush_cache": flush_cache}
 
     def _send(self, method: str, **kwargs: Any) -> None:
         if self._proc is None:

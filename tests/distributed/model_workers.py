@@ -245,3 +245,56 @@ def fp8_padding_is_invisible(hf_dir: str, tp: int = 1, sp: bool = False) -> dict
     mask = parity.token_mask(batch)
     return {"seq_len": int(batch["input_ids"].shape[1]), "base_multiple": base_multiple, "fp8_multiple": model.seq_multiple,
             "lm_lengths": seen, "max_diff": float((base - fp8).abs()[mask].max()), "tokens": int(mask.sum())}
+
+
+def meta_build_recipes(combos: list[str]) -> dict[str, Any]:
+    """Build each recipe x layout's model on the meta device at its TP x PP (this world holds the largest).
+
+    The model is built from the recipe's ``ModelConfig`` (its TransformerConfigs, FP8 included, exactly as on GPU)
+    with the local layer spec (``layer_impl="local"``: Transformer Engine cannot be built without CUDA). Combos that
+    build the same model (recipes differ only in algorithm settings) share one build. Returns, per combo, the total
+    parameter count over the TP group (sharded params summed over TP ranks, replicated ones once) and config facts.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    import megatron_papo.parallel as par
+    from megatron_papo.config import load_config
+    from megatron_papo.config.parallel import ParallelConfig
+    from megatron_papo.models.qwen2_5_vl import build_model, load_arch, resolve_dtype
+    from tests.recipes import PUBLISHED, size_of
+
+    cfgs = {c: load_config(c) for c in combos}
+    builds: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
+    for combo in sorted(combos, key=lambda c: (cfgs[c].parallel.tp, cfgs[c].parallel.pp, c)):
+        cfg = cfgs[combo]
+        p = cfg.parallel
+        key = repr((size_of(combo.split(",")[0]), p.tp, p.pp, p.sequence_parallel, cfg.model))
+        if key not in builds:
+            if par._STATE is None or (par._STATE.tp_size, par._STATE.pp_size) != (p.tp, p.pp):
+                if ps.model_parallel_is_initialized():  # a new TP x PP layout in the same gloo world
+                    ps.destroy_model_parallel()
+                par._STATE = None
+                pg = par.init_distributed(ParallelConfig(tp=p.tp, pp=p.pp, device="cpu"))
+            pg = par._STATE
+            model = build_model(cfg.model, pg, arch=load_arch(PUBLISHED[size_of(combo.split(",")[0])]),
+                                sequence_parallel=p.sequence_parallel, meta=True, layer_impl="local",
+                                dtype=resolve_dtype(cfg.model.dtype, torch.device("cuda")))
+            sharded = sum(q.numel() for q in model.parameters() if getattr(q, "tensor_model_parallel", False))
+            replicated = sum(q.numel() for q in model.parameters() if not getattr(q, "tensor_model_parallel", False))
+            counts = torch.tensor([sharded, replicated], dtype=torch.float64)
+            dist.all_reduce(counts, group=pg.tp_group)  # replicated: the same on every TP rank
+            lm = model.language_model.config
+            assert all(q.device.type == "meta" for q in model.parameters())
+            builds[key] = {
+                "params": int(counts[0]) + int(counts[1]) // pg.tp_size, "tp": pg.tp_size,
+                "dtype": str(next(model.parameters()).dtype), "fp8": lm.fp8, "fp8_recipe": lm.fp8_recipe,
+                "first_last_bf16": lm.first_last_layers_bf16, "vision_fp8": model.vision.config.fp8,
+                "sequence_parallel": lm.sequence_parallel, "recompute": lm.recompute_granularity,
+                "layers": len(model.language_model.decoder.layers), "seq_multiple": model.seq_multiple,
+            }
+            del model
+        out[combo] = builds[key]
+    out["_builds"] = len(builds)
+    return out

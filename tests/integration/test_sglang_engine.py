@@ -100,6 +100,31 @@ def test_sampling_n8_logprobs_are_temperature_scaled(engine, prompts, tiny_model
     assert len(distinct) > 1, "8 samples at T=0.7 should not all be identical"
 
 
+def test_seeded_samples_repeat_and_do_not_depend_on_the_batch(engine, prompts):
+    """On CPU the engine honours per-request seeds (rollout/cpu_shim/seeded.py): the same seeds give the same
+    samples in another call, another batch and another order; other seeds give other samples."""
+    assert engine.honours_seeds
+    reqs = [(enc["input_ids"][0].tolist(), ims) for _, ims, enc in prompts]
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6}
+    seeds = [[1000 * i + k for k in range(4)] for i in range(len(reqs))]
+    a = engine.generate(reqs, n=4, sampling=sampling, seeds=seeds)
+    b = engine.generate(reqs, n=4, sampling=sampling, seeds=seeds)
+    alone = engine.generate(reqs[1:2], n=4, sampling=sampling, seeds=seeds[1:2])
+    order = [1, 0, 2]  # another order (with a text-only request first SGLang reads image_data as flat)
+    moved = engine.generate([reqs[i] for i in order], n=4, sampling=sampling, seeds=[seeds[i] for i in order])
+    rev = [moved[order.index(i)] for i in range(len(reqs))]
+    other = engine.generate(reqs, n=4, sampling=sampling, seeds=[[s + 7 for s in row] for row in seeds])
+
+    def ids(res):
+        return [[r.token_ids for r in group] for group in res]
+
+    assert ids(a) == ids(b) == ids(rev)
+    assert ids(alone) == ids(a)[1:2]
+    assert [[r.logprobs for r in g] for g in a] == [[r.logprobs for r in g] for g in b]
+    assert ids(other) != ids(a)
+    assert len({tuple(t) for g in ids(a) for t in g}) > 1  # samples of one prompt still differ from each other
+
+
 def test_never_samples_banned_ids_even_when_favoured(engine, prompts, tmp_path, tiny_model_dir):
     """Push weights whose lm_head strongly prefers <|image_pad|>: the engine must still not emit it."""
     from safetensors.torch import load_file

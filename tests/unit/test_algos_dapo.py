@@ -5,7 +5,15 @@ import logging
 import pytest
 import torch
 
-from megatron_papo.algos.dapo import fill_batch, keep_group, keep_groups, keep_mask, overlong_penalty
+from megatron_papo.algos.dapo import (
+    apply_overlong_penalty,
+    fill_batch,
+    group_mean,
+    keep_group,
+    keep_groups,
+    keep_mask,
+    overlong_penalty,
+)
 
 
 def test_keep_group_strict_bounds():
@@ -68,3 +76,30 @@ def test_overlong_penalty_hand_values():
     assert overlong_penalty(lengths, 100, 0).tolist() == [0.0] * 6   # off by default
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty(lengths, 10, 20)
+
+
+def test_overlong_penalty_at_the_dapo_paper_lengths():
+    # DAPO trains with L_max = 20480 and L_cache = 4096: no penalty up to 16384 tokens, then linear to -1 at 20480
+    lengths = torch.tensor([16000, 16384, 16385, 18432, 20480, 20481])
+    got = overlong_penalty(lengths, 20480, 4096).tolist()
+    assert got == [0.0, 0.0, -1 / 4096, -0.5, -1.0, -1.0]
+
+
+def test_apply_overlong_penalty_shapes_scores_and_counts_the_penalised():
+    scores = torch.tensor([1.0, 0.1, 0.9, 0.0])
+    # max 4, buffer 2, factor 0.5: lengths 1, 2 free; 3 -> (2 - 3) / 2 * 0.5 = -0.25; 4 -> -0.5
+    shaped, frac = apply_overlong_penalty(scores, torch.tensor([1, 2, 3, 4]), 4, 2, 0.5)
+    assert torch.allclose(shaped, torch.tensor([1.0, 0.1, 0.65, -0.5]), rtol=0, atol=1e-7) and frac == 0.5
+    same, frac0 = apply_overlong_penalty(scores, torch.tensor([1, 2, 3, 4]), 4, 0)
+    assert torch.equal(same, scores) and frac0 == 0.0
+
+
+def test_group_mean_reads_the_named_component():
+    rewards = [{"overall": 1.0, "accuracy": 1.0, "format": 1.0}, {"overall": 0.9, "accuracy": 1.0, "format": 0.0},
+               {"overall": 0.1, "accuracy": 0.0, "format": 1.0}, {"overall": 0.0, "accuracy": 0.0, "format": 0.0}]
+    assert group_mean(rewards, "accuracy") == 0.5 and group_mean(rewards, "format") == 0.5
+    assert group_mean(rewards, "overall") == 0.5
+    assert group_mean(rewards[:2], "accuracy") == 1.0 and group_mean(rewards[:2], "format") == 0.5  # keys disagree
+    assert not keep_group(group_mean(rewards[:2], "accuracy")) and keep_group(group_mean(rewards[:2], "format"))
+    with pytest.raises(KeyError, match="'overlong' is not in the rewards .*dynamic_sampling_key"):
+        group_mean(rewards, "overlong")

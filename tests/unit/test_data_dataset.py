@@ -13,6 +13,7 @@ from megatron_papo.config.base import ConfigError
 from megatron_papo.config.data import DataConfig
 from megatron_papo.data.dataset import EpochSampler, PromptDataset, PromptLoader, load_prompt_dataset, load_split
 from megatron_papo.data.synthetic import synthetic_rows, write_synthetic
+from megatron_papo.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,9 @@ def test_bad_rows_error_or_skip(processor):
     cfg.on_bad_row = "skip"
     ds = PromptDataset(_table(rows), cfg, processor, "t")
     assert ds.kept == [0, 5] and [ds.encode(i).uid for i in range(2)] == [0, 5]
-    assert ds.stats == {"rows": 6, "missing_answer": 2, "image_count": 1, "bad_image": 1, "overlong": 0, "kept": 2}
+    assert ds.stats == {"rows": 6, "bad_text": 0, "bad_json": 0, "missing_answer": 2, "image_count": 1, "bad_image": 1,
+                        "image_rejected": 0, "overlong": 0, "kept": 2}
+    assert ds.summary() == "skipped missing_answer: 2 (rows 1, 3), image_count: 1 (row 2), bad_image: 1 (row 4)"
 
 
 def test_missing_column_is_a_config_error(processor):
@@ -178,3 +181,64 @@ def test_plain_parquet_with_bytes_path_structs(tmp_path, processor):
     assert [im.getpixel((0, 0)) for im in s.raw_images] == [(0, 0, 200), (0, 200, 0)]
     assert s.image_grid_thw.shape == (2, 3) and s.prompt.count("<|image_pad|>") == 2
     assert s.prompt.index("Look: ") < s.prompt.index("<|vision_start|>")
+
+
+def test_every_bad_row_kind_is_named_with_file_and_row_and_skippable(tmp_path, processor):
+    """Undecodable text, malformed JSON, an image the processor rejects (aspect ratio 600), a missing answer and a
+    placeholder/image mismatch: each is one error naming the file and the row, and each is skipped and counted."""
+    Image.new("RGB", (56, 56), (1, 2, 3)).save(tmp_path / "ok.png")
+    Image.new("RGB", (3000, 5), (1, 2, 3)).save(tmp_path / "wide.png")
+    good = json.dumps({"problem": "Q", "images": ["ok.png"], "answer": "x"}).encode()
+    lines = [good, b'{"problem": "Q \xff\xfe", "images": ["ok.png"], "answer": "x"}', b'{"problem": "Q",', good,
+             json.dumps({"problem": "Q", "images": ["wide.png"], "answer": "x"}).encode(),
+             json.dumps({"problem": "Q", "images": ["ok.png"], "answer": None}).encode(),
+             json.dumps({"problem": "<image><image>Q", "images": ["ok.png"], "answer": "x"}).encode(), b"", good]
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = DataConfig(format_prompt="none", min_pixels=3136, max_pixels=12544)
+    bad = {1: r"row 1 \(line 2\): text is not UTF-8 \(byte 0xff at column 16\)", 2: r"row 1 \(line 2\): not valid JSON",
+           4: r"row 1 image 0: the image processor rejects it \(3000x5 px\): absolute aspect ratio must be smaller than 200",
+           5: r"row 1: missing answer in column 'answer'", 6: r"row 1: 2 '<image>' placeholders in 'problem' but 1 images"}
+    for i, msg in bad.items():  # on_bad_row=error: the first bad row stops the load, named with file and row
+        one = tmp_path / f"bad_{i}.jsonl"
+        one.write_bytes(b"\n".join([good, lines[i], good]) + b"\n")
+        with pytest.raises(DataError, match=rf"data '{one}' {msg}.*; fix the data or set data.on_bad_row=skip"):
+            load_prompt_dataset(str(one), cfg, processor)
+    cfg.on_bad_row = "skip"
+    ds = load_prompt_dataset(str(path), cfg, processor)
+    assert ds.kept == [0, 3, 7] and [ds.encode(i).uid for i in range(3)] == [0, 3, 7]  # uids = source rows
+    assert {k: v for k, v in ds.stats.items() if v} == {"rows": 8, "bad_text": 1, "bad_json": 1, "missing_answer": 1,
+                                                       "image_count": 1, "image_rejected": 1, "kept": 3}
+    assert ds.summary() == ("skipped bad_text: 1 (row 1), bad_json: 1 (row 2), missing_answer: 1 (row 5), "
+                            "image_count: 1 (row 6), image_rejected: 1 (row 4)")
+
+
+def test_prompt_column_of_bytes_is_named(processor):
+    rows = [{"problem": b"Q \xff", "images": [], "answer": "1"}, {"problem": "Q", "images": [], "answer": "1"}]
+    with pytest.raises(DataError, match=r"row 0: column 'problem' is not UTF-8 text"):
+        PromptDataset(_table(rows), DataConfig(format_prompt="none"), processor, "t")
+
+
+@pytest.mark.parametrize("kind", ["jsonl_empty", "jsonl_blank", "parquet", "disk", "synthetic"])
+def test_empty_dataset_says_0_rows_and_names_the_file(tmp_path, processor, kind):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = DataConfig(format_prompt="none")
+    if kind == "jsonl_empty":
+        src = tmp_path / "e.jsonl"
+        src.write_text("")
+    elif kind == "jsonl_blank":
+        src = tmp_path / "b.jsonl"
+        src.write_text("\n\n")
+    elif kind == "parquet":
+        src = tmp_path / "e.parquet"
+        pq.write_table(pa.table({"problem": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), src)
+    elif kind == "disk":
+        src = tmp_path / "d"
+        datasets.Dataset.from_dict({"problem": [], "images": [], "answer": []}).save_to_disk(str(src))
+    else:
+        src, cfg.synthetic_train_size = "synthetic", 0
+    with pytest.raises(DataError, match=rf"data source '{src}'.* 0 rows"):
+        load_prompt_dataset(str(src), cfg, processor)

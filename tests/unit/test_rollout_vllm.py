@@ -1,4 +1,7 @@
-"""The thin vLLM adapter without vLLM: prompt building, sampling translation, weight naming, cache resets."""
+"""The thin vLLM adapter without vLLM: prompt building, sampling translation, weight naming, cache resets,
+sleep mode. The fake ``LLM`` has exactly the methods vLLM 0.33.0 defines where it defines them
+(``vllm/entrypoints/llm.py``: generate, collective_rpc, reset_prefix_cache, reset_mm_cache, sleep, wake_up,
+llm_engine; ``vllm/v1/engine/llm_engine.py``: reset_encoder_cache, ...) and no catch-all ``__getattr__``."""
 
 from __future__ import annotations
 
@@ -10,7 +13,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_papo.rollout.vllm_engine import CACHE_RESETS, VLLMEngine, WeightSyncWorkerExtension
+from megatron_papo.rollout.vllm_engine import VLLMEngine, WeightSyncWorkerExtension
+
+
+class FakeLLMEngine:
+    """``LLM.llm_engine`` (vLLM 0.33.0 ``v1/engine/llm_engine.py``): where ``reset_encoder_cache`` lives."""
+
+    def __init__(self, calls: list[tuple]):
+        self.calls = calls
+
+    def reset_encoder_cache(self) -> None:
+        self.calls.append(("reset", "encoder"))
+
+    def reset_mm_cache(self) -> None:
+        self.calls.append(("reset", "engine_mm"))
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        self.calls.append(("reset", "engine_prefix"))
+        return True
 
 
 class FakeLLM:
@@ -20,6 +40,7 @@ class FakeLLM:
         self.kwargs = kwargs
         self.calls: list[tuple] = []
         self.loaded: dict[str, torch.Tensor] = {}
+        self.llm_engine = FakeLLMEngine(self.calls)
 
     def generate(self, prompts, params, use_tqdm=False):
         self.calls.append(("generate", prompts, params))
@@ -32,17 +53,27 @@ class FakeLLM:
             outs.append(SimpleNamespace(outputs=comps))
         return outs
 
-    def collective_rpc(self, method, args=()):
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(("rpc", method))
         from safetensors.torch import load_file
 
         for f in sorted(Path(args[0]).glob("*.safetensors")):
             self.loaded.update(load_file(str(f)))
+        return [len(self.loaded)]
 
-    def __getattr__(self, name):
-        if name in CACHE_RESETS:
-            return lambda: self.calls.append(("reset", name))
-        raise AttributeError(name)
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        self.calls.append(("reset", "prefix"))
+        return True
+
+    def reset_mm_cache(self) -> None:
+        self.calls.append(("reset", "mm"))
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None) -> bool:
+        self.calls.append(("wake_up", tags))
+        return True
 
 
 @pytest.fixture
@@ -98,7 +129,7 @@ def test_update_weights_loads_names_and_resets_caches(engine):
     for n, t in tensors:
         assert torch.equal(engine.llm.loaded[n], t)
     resets = [c[1] for c in engine.llm.calls if c[0] == "reset"]
-    assert resets[-3:] == list(CACHE_RESETS)
+    assert set(resets[-3:]) == {"prefix", "mm", "encoder"}  # encoder: the scheduler's, through LLM.llm_engine
 
 
 def test_worker_extension_prefers_reload_weights(tmp_path):
@@ -116,3 +147,32 @@ def test_from_config(tiny_model_dir):
 
     eng = VLLMEngine.from_config(RolloutConfig(engine="vllm", engine_tp=2, bucket_mb=8), str(tiny_model_dir), llm_factory=FakeLLM)
     assert eng.engine_kwargs["tensor_parallel_size"] == 2 and eng.bucket_bytes == 8 << 20
+    cfg = RolloutConfig(engine="vllm", engine_kwargs={"gpu_memory_utilization": 0.4, "enforce_eager": True})
+    kw = VLLMEngine.from_config(cfg, str(tiny_model_dir), llm_factory=FakeLLM, device="cuda").engine_kwargs
+    assert kw["gpu_memory_utilization"] == 0.4 and kw["enforce_eager"] is True and kw["enable_sleep_mode"] is True
+
+
+def test_gpu_colocated_sleep_mode_and_memory(tiny_model_dir, monkeypatch):
+    events: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(("empty_cache",)))
+    eng = VLLMEngine(str(tiny_model_dir), llm_factory=FakeLLM, device="cuda").start()
+    assert eng.llm.kwargs["enable_sleep_mode"] is True and eng.llm.kwargs["gpu_memory_utilization"] == 0.5
+    assert eng.llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    eng.llm.calls = events  # one timeline for the engine's calls and the trainer's cache
+    eng.release_memory()
+    assert events == [("sleep", 1), ("empty_cache",)]
+    events.clear()
+    eng.resume_memory()
+    assert events == [("empty_cache",), ("wake_up", None)]  # the trainer's cached blocks go back first
+    sep = VLLMEngine(str(tiny_model_dir), llm_factory=FakeLLM, device="cuda", colocated=False)
+    assert "enable_sleep_mode" not in sep.engine_kwargs and "gpu_memory_utilization" not in sep.engine_kwargs
+    cpu = VLLMEngine(str(tiny_model_dir), llm_factory=FakeLLM, device="cpu").start()
+    assert "enable_sleep_mode" not in cpu.llm.kwargs  # vLLM: sleep mode is not supported on CPU
+    cpu.release_memory()
+    cpu.resume_memory()
+    assert cpu.llm.calls == []
+    with pytest.raises(ValueError, match="processed_logprobs"):
+        VLLMEngine(str(tiny_model_dir), llm_factory=FakeLLM, engine_kwargs={"logprobs_mode": "raw_logprobs"})

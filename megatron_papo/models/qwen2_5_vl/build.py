@@ -42,11 +42,23 @@ def _pg_collection(pg: Any) -> Any:
     return getattr(pg, "mcore", pg)
 
 
+def transformer_configs(model_cfg: Any, arch: QwenVLArch, *, tp: int, pp: int, sequence_parallel: bool,
+                        dtype: torch.dtype, use_cpu_init: bool) -> tuple[Any, Any]:
+    """The language model's and the vision tower's mcore ``TransformerConfig`` for ``model_cfg`` at a TP x PP layout
+    (precision, FP8 and recompute from :func:`precision_kwargs`; FP8 applies to the language model only)."""
+    extra = precision_kwargs(model_cfg, arch.num_layers, pp)
+    lm_cfg = lm_transformer_config(arch, tp=tp, pp=pp, sequence_parallel=sequence_parallel, dtype=dtype,
+                                   use_cpu_init=use_cpu_init, extra=extra)
+    vis_extra = {k: v for k, v in extra.items() if not k.startswith(("fp8", "first_last", "num_layers_at"))}
+    vis_cfg = vision_transformer_config(arch, tp=tp, dtype=dtype, use_cpu_init=use_cpu_init, extra=vis_extra)
+    return lm_cfg, vis_cfg
+
+
 def build_model(model_cfg: Any = None, pg: Any = None, *, hf_dir: Optional[str | Path] = None,
                 arch: Optional[QwenVLArch] = None, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None, sequence_parallel: bool = False,
                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
-                meta: bool = False) -> Qwen25VLModel:
+                meta: bool = False, layer_impl: Optional[str] = None) -> Qwen25VLModel:
     """One pipeline stage of Qwen2.5-VL (vision tower on the first stage), parameters uninitialised.
 
     Args:
@@ -57,6 +69,9 @@ def build_model(model_cfg: Any = None, pg: Any = None, *, hf_dir: Optional[str |
         sequence_parallel: shard LM activations over TP (``parallel.sequence_parallel``).
         dtype / device: default from ``model_cfg.dtype`` and ``pg.device``.
         meta: build on the meta device (sizes and parameter counts without memory).
+        layer_impl: build the layers from this spec instead of ``model_cfg.transformer_impl`` while keeping the
+            TransformerConfigs (FP8 included) of ``model_cfg``: ``local`` lets a machine without Transformer
+            Engine build a TE/FP8 recipe's model on the meta device. Training never sets it.
     """
     from megatron_papo.config.model import ModelConfig
 
@@ -69,20 +84,17 @@ def build_model(model_cfg: Any = None, pg: Any = None, *, hf_dir: Optional[str |
     device = device or getattr(pg, "device", None) or torch.device("cpu")
     dtype = dtype or resolve_dtype(model_cfg.dtype, device)
     use_cpu_init = meta or device.type == "cpu"
-    extra = precision_kwargs(model_cfg, arch.num_layers, pp)
-    lm_cfg = lm_transformer_config(arch, tp=tp, pp=pp, sequence_parallel=sequence_parallel, dtype=dtype,
-                                   use_cpu_init=use_cpu_init, extra=extra)
-    vis_extra = {k: v for k, v in extra.items() if not k.startswith(("fp8", "first_last", "num_layers_at"))}
-    vis_cfg = vision_transformer_config(arch, tp=tp, dtype=dtype, use_cpu_init=use_cpu_init, extra=vis_extra)
+    lm_cfg, vis_cfg = transformer_configs(model_cfg, arch, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+                                          dtype=dtype, use_cpu_init=use_cpu_init)
     pre = pp_rank == 0 if pre_process is None else pre_process
     post = pp_rank == pp - 1 if post_process is None else post_process
+    impl = layer_impl or model_cfg.transformer_impl
     # mcore's parallel layers place their weights on torch.cuda.current_device() themselves; plain torch modules
     # (RMSNorm, the vision patch Conv3d, rotary buffers) follow the default device, so build under the target one
     ctx = torch.device("meta") if meta else (contextlib.nullcontext() if use_cpu_init else torch.device(device))
     with ctx:
-        model = Qwen25VLModel(arch, lm_cfg, vis_cfg, lm_layer_spec(model_cfg.transformer_impl),
-                              vision_layer_spec(model_cfg.transformer_impl), pre_process=pre, post_process=post,
-                              pg_collection=pgc, freeze_vision_tower=model_cfg.freeze_vision_tower)
+        model = Qwen25VLModel(arch, lm_cfg, vis_cfg, lm_layer_spec(impl), vision_layer_spec(impl), pre_process=pre,
+                              post_process=post, pg_collection=pgc, freeze_vision_tower=model_cfg.freeze_vision_tower)
     tag_tensor_parallel_params(model)
     return model
 

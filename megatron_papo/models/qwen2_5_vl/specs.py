@@ -153,6 +153,8 @@ def precision_kwargs(model_cfg: Any, num_layers: int, pp: int = 1) -> dict[str, 
 
     FP8 (``model.fp8``) needs ``transformer_impl=transformer_engine``; the first and last
     ``fp8_bf16_first_last_layers`` decoder layers stay in bf16 (not possible with the ``delayed`` recipe).
+    The FP8 checks raise early, naming our fields, exactly where mcore 0.16.1's ``TransformerConfig`` would raise
+    later (``tests/unit/test_recipe_layouts.py`` checks that both accept and reject the same settings).
     """
     kw: dict[str, Any] = {"transformer_impl": model_cfg.transformer_impl}
     fp8 = getattr(model_cfg, "fp8", None)
