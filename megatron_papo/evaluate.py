@@ -13,6 +13,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from megatron_papo.config.base import ConfigError
@@ -137,6 +138,10 @@ class Validator:
     def __init__(self, cfg: Any, processor: Any, reward_fn: Any) -> None:
         self.cfg, self.processor, self.reward_fn = cfg, processor, reward_fn
         self.benchmarks = parse_benchmarks(cfg.eval_datasets, cfg.data.test)
+        for b in self.benchmarks:  # a typo should stop the run now, not at the first evaluation
+            if b.source != "synthetic" and not Path(b.source).exists():
+                raise ConfigError(f"eval_datasets: benchmark '{b.name}': {b.source} does not exist; expected 'synthetic', "
+                                  "a .parquet/.jsonl file or a save_to_disk dir")
         self._datasets: Optional[dict[str, Any]] = None
         self.best_accuracy: Optional[float] = None
         self.best_step: Optional[int] = None
@@ -198,8 +203,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("overrides", nargs="*", help="data.* / rollout.* overrides, key=value")
     args = p.parse_args(argv)
-    from pathlib import Path
-
     from transformers import AutoProcessor
 
     from megatron_papo.config import load_config

@@ -83,5 +83,7 @@ def test_avg_at_k_macro_average_and_best_step(tiny_model_dir, tmp_path):
     engine.right = lambda i, k: True
     m15 = again(engine, step=15)
     assert (m15["eval/best_accuracy"], m15["eval/best_step"]) == (1.0, 15.0)
+    with pytest.raises(ConfigError, match=r"benchmark 'typo': .*nope.parquet does not exist"):
+        Validator(load_config(None, [f"eval_datasets=typo={tmp_path / 'nope.parquet'}"]), processor, reward_fn)
     assert again.record(20, {"test": {"accuracy": 0.5, "format": 1.0, "majority_baseline": 0.25, "questions": 2.0}})[
         "eval/best_step"] == 15.0
