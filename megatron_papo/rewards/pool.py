@@ -16,6 +16,7 @@ With ``workers == 0`` the function runs in the calling process (failures still s
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import threading
@@ -29,6 +30,7 @@ from megatron_papo.utils.logging import get_logger
 
 log = get_logger("rewards")
 FAILED = {"overall": 0.0, "accuracy": 0.0, "format": 0.0, "reward_failed": 1.0}
+_CONSOLE_FAILURES_PER_CALL = 8
 _READY_TIMEOUT_S = 300.0  # a fresh worker imports the reward modules (mathruler/sympy) on a possibly loaded host
 
 
@@ -127,15 +129,21 @@ class RewardPool:
         ids = list(ids) if ids is not None else [f"call{self.calls}/{i}" for i in range(n)]
         responses, answers = list(responses), list(answers)
         results = self._local(responses, answers) if self.num_workers == 0 else self._pooled(responses, answers)
-        out = []
+        out, failed = [], 0
         for i, r in enumerate(results):
             if isinstance(r, dict):
                 out.append(r)
                 continue
             self.failures += 1
-            log.warning("reward %s failed for sample %s (scored 0; %d failures so far): %s", self.spec, ids[i],
-                        self.failures, r)
+            failed += 1
+            # every failure is in the rank's log file; the console gets the first few of a call
+            level = logging.WARNING if failed <= _CONSOLE_FAILURES_PER_CALL else logging.DEBUG
+            log.log(level, "reward %s failed for sample %s (scored 0; %d failures so far): %s", self.spec, ids[i],
+                    self.failures, r)
             out.append(dict(FAILED))
+        if failed > _CONSOLE_FAILURES_PER_CALL:
+            log.warning("reward %s: %d of %d samples of this call failed (all listed in the log file)", self.spec,
+                        failed, n)
         return out
 
     def close(self) -> None:
