@@ -120,6 +120,14 @@ def test_failures_score_zero_per_sample_are_counted_logged_and_never_stop_the_po
     local = RewardPool(f"{plugin}:flaky", workers=0)
     assert local(["red", "boom"], ["red", "red"]) == [{"overall": 1.0, "accuracy": 1.0}, FAILED]
     assert local.failures == 1
+    # a call where everything fails: every sample id logged (the log file gets DEBUG), the console the first 8 + a count
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="megatron_papo")
+    assert local(["boom"] * 10, ["x"] * 10, ids=[f"s{k}" for k in range(10)]) == [FAILED] * 10
+    per_sample = [r for r in caplog.records if "failed for sample" in r.getMessage()]
+    assert [r.getMessage().split("sample ")[1].split(" ")[0] for r in per_sample] == [f"s{k}" for k in range(10)]
+    assert [r.levelno for r in per_sample] == [logging.WARNING] * 8 + [logging.DEBUG] * 2
+    assert any("10 of 10 samples of this call failed" in r.getMessage() for r in caplog.records)
 
 
 _PARENT = """
