@@ -31,6 +31,10 @@ EXTRAS_REQUIRE = {
     # GPU clusters: installed inside the NGC container (see Dockerfile), never on CPU machines.
     "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7"],
     "dev": ["pytest", "pytest-timeout", "ruff"],
+    # logging.backends=wandb / mlflow (mlflow-skinny: the tracking client and file store without the server stack)
+    "trackers": ["wandb==0.31.0", "mlflow-skinny==3.17.2"],
+    # megatron-papo report (PNG plots)
+    "report": ["matplotlib==3.11.2"],
 }
 
 setup(

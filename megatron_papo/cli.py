@@ -1,4 +1,4 @@
-"""``megatron-papo`` command line: train | make-tiny | config | compare-logprobs | convert | eval.
+"""``megatron-papo`` command line: train | make-tiny | config | compare-logprobs | convert | eval | report.
 
 Every subcommand exits non-zero with one line naming the problem and the fix on bad input: config, data and
 checkpoint errors exit 2, a diverged run (non-finite steps, ``optim.max_skipped_steps``) exits 3, a preempted
@@ -84,6 +84,7 @@ _DELEGATED = {
     "convert": ("tools/convert_checkpoint.py", "convert mcore dist-checkpoints <-> HF directories"),
     "eval": ("megatron_papo.evaluate", "avg@k evaluation of an HF checkpoint through the rollout engine"),
     "check-weight-sync": ("tools/check_weight_sync.py", "engine vs actor log-probs after a weight sync"),
+    "report": ("megatron_papo.report", "PNG plots (runs overlaid) and a Markdown summary of run directories"),
 }
 
 

@@ -1,18 +1,25 @@
 """avg@k evaluation through the rollout engine: per-question accuracy averaged over k samples, then over questions.
 
-Used at the end of training (``eval/accuracy``, ``eval/majority_baseline`` in metrics.jsonl) and by
-``megatron-papo eval --model HF_DIR --data SPEC [SPEC ...] --n 8`` for PAPO_eval-style benchmark datasets.
+One code path (:func:`evaluate_benchmarks`) serves in-training validation (:class:`Validator`: every benchmark
+of ``eval_datasets`` every ``eval_every`` steps and at the end, ``eval/<name>/accuracy`` etc. in the metrics) and
+``megatron-papo eval --model HF_DIR --data [NAME=]SOURCE ... --n 8`` for PAPO_eval-style benchmark datasets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from megatron_papo.config.base import ConfigError
+from megatron_papo.utils.logging import get_logger
+
+log = get_logger("eval")
 
 
 def majority_baseline(answers: Sequence[str]) -> float:
@@ -26,6 +33,7 @@ def majority_baseline(answers: Sequence[str]) -> float:
 def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any], seed: int,
                      batch_size: int = 64) -> dict[str, float]:
     """avg@n accuracy (and format rate) of ``engine`` on every prompt of a PromptDataset."""
+    from megatron_papo.rewards import score
     from megatron_papo.rollout_phase import sample_seed
 
     accs, fmts, answers = [], [], []
@@ -36,7 +44,7 @@ def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampl
         tok = getattr(engine, "tokenizer", None)
         for s, res in zip(samples, outs):
             texts = [r.text if getattr(r, "text", None) is not None else tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
-            rw = reward_fn(texts, [s.answer] * len(texts))
+            rw = score(reward_fn, texts, [s.answer] * len(texts), [f"eval/uid{s.uid}/{k}" for k in range(len(texts))])
             accs.append(sum(r.get("accuracy", 0.0) for r in rw) / len(rw))
             fmts.append(sum(r.get("format", 0.0) for r in rw) / len(rw))
             answers.append(s.answer)
@@ -45,55 +53,178 @@ def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampl
             "questions": float(len(accs)), "n": float(n)}
 
 
-def evaluate_split(engine: Any, cfg: Any, processor: Any, reward_fn: Any, n: int = 1) -> dict[str, float]:
-    """The trainer's end-of-run evaluation on ``cfg.data.test`` with the rollout sampling settings."""
+@dataclass(frozen=True)
+class Benchmark:
+    """One validation benchmark: a metric-friendly name and a data source."""
+
+    name: str
+    source: str
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.@+\-]+")
+
+
+def parse_benchmarks(entries: Sequence[str], default_source: str, *, where: str = "eval_datasets",
+                     bare_paths: bool = False) -> list[Benchmark]:
+    """``name=source`` entries -> benchmarks (no entries: one benchmark ``test`` on ``default_source``).
+
+    A bare ``source`` is named by itself: allowed for names without ``/`` (``synthetic``), and for any path when
+    ``bare_paths`` (the eval CLI). Names must be unique and fit in a metric key (``eval/<name>/accuracy``).
+    """
+    if not entries:
+        return [Benchmark("test", default_source)]
+    out: list[Benchmark] = []
+    for entry in entries:
+        name, sep, source = entry.partition("=")
+        if not sep:
+            name, source = entry, entry
+            if not bare_paths and not _NAME.fullmatch(name):
+                raise ConfigError(f"{where}: entry '{entry}' needs a name; write name=source (e.g. geo3k={entry})")
+        elif not _NAME.fullmatch(name) or not source:
+            raise ConfigError(f"{where}: entry '{entry}' is not name=source with a name of letters, digits and _.@+- "
+                              "(e.g. mathverse=/data/mathverse.parquet)")
+        if any(b.name == name for b in out):
+            raise ConfigError(f"{where}: benchmark name '{name}' appears twice; give each entry its own name")
+        out.append(Benchmark(name, source))
+    return out
+
+
+def load_benchmarks(benchmarks: Sequence[Benchmark], data_cfg: Any, processor: Any,
+                    split: Optional[str] = None) -> dict[str, Any]:
+    """Load (and validate: paths, schema, images) every benchmark's prompts before any engine work.
+
+    ``split``: the split of a DatasetDict dir (default ``data.test_split``); the synthetic source is its test split.
+    """
     from megatron_papo.data.dataset import load_prompt_dataset
 
-    ds = load_prompt_dataset(cfg.data.test, cfg.data, processor, "test")
-    r = cfg.rollout
-    temperature = r.temperature if cfg.eval_temperature is None else cfg.eval_temperature
-    sampling = {"temperature": temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
-    n = 1 if temperature == 0 else max(n, cfg.eval_n)  # greedy decoding has one answer per question
-    return evaluate_dataset(engine, ds, reward_fn, n=n, sampling=sampling, seed=cfg.seed + 7919)
+    def which(b: Benchmark) -> str:
+        return split if split is not None else ("test" if b.source == "synthetic" else data_cfg.test_split)
+
+    return {b.name: load_prompt_dataset(b.source, data_cfg, processor, which(b)) for b in benchmarks}
+
+
+def evaluate_benchmarks(engine: Any, datasets: dict[str, Any], reward_fn: Any, *, n: int, sampling: dict[str, Any],
+                        seed: int) -> dict[str, dict[str, float]]:
+    """avg@n per benchmark (one :func:`evaluate_dataset` each), plus ``macro`` when there are several.
+
+    The one code path of ``megatron-papo eval`` and in-training validation (:class:`Validator`).
+    """
+    results = {name: evaluate_dataset(engine, ds, reward_fn, n=n, sampling=sampling, seed=seed)
+               for name, ds in datasets.items()}
+    if len(results) > 1:
+        results["macro"] = macro_average(results)
+    return results
+
+
+def macro_average(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Unweighted mean of accuracy, format and majority baseline over benchmarks (each counts once)."""
+    rows = [r for name, r in results.items() if name != "macro"]
+    keys = ("accuracy", "format", "majority_baseline")
+    out = {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in keys}
+    out["questions"] = float(sum(r["questions"] for r in rows))
+    return out
+
+
+class Validator:
+    """In-training validation: avg@k on every ``eval_datasets`` benchmark (or ``data.test``), every
+    ``eval_every`` steps and at the end, through the same :func:`evaluate_benchmarks` as the eval CLI.
+
+    Metrics: ``eval/<name>/{accuracy,format,majority_baseline,questions}``; ``eval/accuracy`` (and ``format``,
+    ``majority_baseline``) = the macro average over benchmarks (= the benchmark itself when there is one);
+    ``eval/best_accuracy`` / ``eval/best_step``: the best macro accuracy so far and its step (saved with the
+    checkpoint: :meth:`state_dict`). Datasets load on first use.
+    """
+
+    def __init__(self, cfg: Any, processor: Any, reward_fn: Any) -> None:
+        self.cfg, self.processor, self.reward_fn = cfg, processor, reward_fn
+        self.benchmarks = parse_benchmarks(cfg.eval_datasets, cfg.data.test)
+        for b in self.benchmarks:  # a typo should stop the run now, not at the first evaluation
+            if b.source != "synthetic" and not Path(b.source).exists():
+                raise ConfigError(f"eval_datasets: benchmark '{b.name}': {b.source} does not exist; expected 'synthetic', "
+                                  "a .parquet/.jsonl file or a save_to_disk dir")
+        self._datasets: Optional[dict[str, Any]] = None
+        self.best_accuracy: Optional[float] = None
+        self.best_step: Optional[int] = None
+
+    def sampling(self) -> tuple[dict[str, Any], int]:
+        """The evaluation sampling settings and k (greedy decoding has one answer per question)."""
+        r, cfg = self.cfg.rollout, self.cfg
+        temperature = r.temperature if cfg.eval_temperature is None else cfg.eval_temperature
+        sampling = {"temperature": temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
+        return sampling, 1 if temperature == 0 else max(1, cfg.eval_n)
+
+    def __call__(self, engine: Any, step: int, final: bool = False) -> dict[str, float]:
+        """Evaluate ``engine`` (anything with the rollout engine's ``generate``); returns the ``eval/*`` metrics."""
+        if self._datasets is None:
+            self._datasets = load_benchmarks(self.benchmarks, self.cfg.data, self.processor)
+        sampling, n = self.sampling()
+        res = evaluate_benchmarks(engine, self._datasets, self.reward_fn, n=n, sampling=sampling,
+                                  seed=self.cfg.seed + 7919)
+        return self.record(step, res, final)
+
+    def record(self, step: int, res: dict[str, dict[str, float]], final: bool = False) -> dict[str, float]:
+        """Metrics of one evaluation (per benchmark, macro, best so far); logs one line."""
+        macro = res.get("macro") or next(iter(res.values()))
+        if self.best_accuracy is None or macro["accuracy"] > self.best_accuracy:
+            self.best_accuracy, self.best_step = macro["accuracy"], step
+        out = {f"eval/{k}": macro[k] for k in ("accuracy", "format", "majority_baseline")}
+        for name, r in res.items():
+            if name != "macro":
+                out.update({f"eval/{name}/{k}": r[k] for k in ("accuracy", "format", "majority_baseline", "questions")})
+        out.update({"eval/best_accuracy": self.best_accuracy, "eval/best_step": float(self.best_step),
+                    "eval/final": float(final)})
+        per = ", ".join(f"{name} {r['accuracy']:.3f}" for name, r in res.items() if name != "macro")
+        log.info("eval step %d: accuracy %.3f (majority baseline %.3f)%s; best %.3f at step %d", step,
+                 macro["accuracy"], macro["majority_baseline"], f" [{per}]" if len(res) > 1 else "",
+                 self.best_accuracy, self.best_step)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_accuracy": self.best_accuracy, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_accuracy, self.best_step = state.get("best_accuracy"), state.get("best_step")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``megatron-papo eval``: avg@k per benchmark, JSON + a markdown table."""
+    """``megatron-papo eval``: avg@k per benchmark (and their macro average), JSON + a markdown table."""
     p = argparse.ArgumentParser(prog="megatron-papo eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF checkpoint directory")
-    p.add_argument("--data", required=True, nargs="+", help="benchmark sources: 'synthetic', .parquet/.jsonl, or dataset dirs")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="benchmarks, [NAME=]SOURCE: 'synthetic', .parquet/.jsonl, or dataset dirs (NAME defaults to SOURCE)")
     p.add_argument("--n", type=int, default=8, help="samples per question (avg@n)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--reward", default="math", help="reward/grader name (math | synthetic)")
+    p.add_argument("--reward", default="math", help="reward/grader: a name (math | synthetic) or path/to/file.py:fn")
     p.add_argument("--format-prompt", default="math_perception")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("overrides", nargs="*", help="data.* / rollout.* overrides, key=value")
     args = p.parse_args(argv)
-    from pathlib import Path
-
     from transformers import AutoProcessor
 
     from megatron_papo.config import load_config
-    from megatron_papo.data.dataset import load_prompt_dataset
-    from megatron_papo.rewards import get_reward_fn
+    from megatron_papo.rewards import build_reward_fn
     from megatron_papo.rollout_phase import make_engine
 
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model {args.model} is not an HF checkpoint directory (no config.json)")
     cfg = load_config(None, [f"data.format_prompt={args.format_prompt}", f"data.reward={args.reward}", *args.overrides])
+    benchmarks = parse_benchmarks(args.data, "synthetic", where="--data", bare_paths=True)
     processor = AutoProcessor.from_pretrained(args.model)
-    reward_fn = get_reward_fn(args.reward)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
-    results: dict[str, dict[str, float]] = {}
     # load (and validate) every benchmark before the engine starts: a bad path or schema fails in seconds
-    datasets = {spec: load_prompt_dataset(spec, cfg.data, processor, args.split) for spec in args.data}
-    with make_engine(cfg.rollout, args.model) as engine:
-        for spec, ds in datasets.items():
-            results[spec] = evaluate_dataset(engine, ds, reward_fn, n=args.n, sampling=sampling, seed=cfg.seed)
+    datasets = load_benchmarks(benchmarks, cfg.data, processor, split=args.split)
+    reward_fn = build_reward_fn(cfg.data)
+    try:
+        with make_engine(cfg.rollout, args.model) as engine:
+            results = evaluate_benchmarks(engine, datasets, reward_fn, n=args.n, sampling=sampling, seed=cfg.seed)
+    finally:
+        close = getattr(reward_fn, "close", None)
+        if close is not None:
+            close()
     table = [f"| benchmark | avg@{args.n} accuracy | format | majority baseline | questions |", "|---|---|---|---|---|"]
     for k, v in results.items():
         table.append(f"| {k} | {100 * v['accuracy']:.2f} | {100 * v['format']:.2f} | {100 * v['majority_baseline']:.2f} "

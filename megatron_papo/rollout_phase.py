@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.data.processing import PromptSample, make_masked_view
+from megatron_papo.rewards import score
 
 
 @dataclass
@@ -68,7 +69,7 @@ def generate_groups(engine: Any, samples: list[PromptSample], *, n: int, samplin
         for s, res in zip(samples, outs):
             ids = [list(r.token_ids) for r in res]
             texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-            rewards = reward_fn(texts, [s.answer] * len(texts))
+            rewards = score(reward_fn, texts, [s.answer] * len(texts), [f"step{step}/uid{s.uid}/{k}" for k in range(len(texts))])
             groups.append(Group(sample=s, aug_pixel_values=None, response_ids=ids,
                                 engine_logprobs=[list(r.logprobs) for r in res],
                                 finish_reasons=[r.finish_reason for r in res], texts=texts, rewards=rewards))
@@ -97,4 +98,5 @@ def rollout_metrics(groups: list[Group], max_new_tokens: int) -> dict[str, float
         "response/clip_ratio": sum(1 for g in groups for f in g.finish_reasons if f == "length") / max(1, len(lens)),
         "rollout/groups_all_correct": len(solved) / max(1, len(groups)),
         "rollout/groups_zero_std": sum(1 for g in groups if len(set(g.scores)) == 1) / max(1, len(groups)),
+        "reward/failed": float(sum(r.get("reward_failed", 0.0) for r in rewards)),  # scored 0 (rewards/pool.py)
     }

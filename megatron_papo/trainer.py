@@ -10,7 +10,6 @@ mcore's schedule (TP/PP/DP).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from pathlib import Path
@@ -30,9 +29,9 @@ from megatron_papo.errors import CheckpointError
 from megatron_papo.invariants import InvariantChecker, InvariantError  # noqa: F401  (InvariantError: re-export)
 from megatron_papo.nonfinite import SkippedSteps
 from megatron_papo.parallel import ParallelGroups
-from megatron_papo.parallel.training import OptimSettings
+from megatron_papo.parallel.training import OptimSettings, build_lr_scheduler, current_lr
 from megatron_papo.preemption import Preemption
-from megatron_papo.rewards import get_reward_fn
+from megatron_papo.rewards import build_reward_fn
 from megatron_papo.rollout.weight_sync import SyncState, sync_weights
 from megatron_papo.rollout_phase import Group, generate_groups, rollout_metrics
 from megatron_papo.utils.logging import get_logger, progress
@@ -74,7 +73,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self.train_ds = load_prompt_dataset(cfg.data.train, cfg.data, self.processor, "train")
         self.loader = PromptLoader(self.train_ds, batch_size=cfg.optim.rollout_batch_size, seed=cfg.data.seed)
-        self.reward_fn = functools.partial(get_reward_fn(cfg.data.reward), format_weight=cfg.data.format_weight)
+        self.reward_fn = build_reward_fn(cfg.data)  # worker pool, per-call timeout; failures score 0
         o = cfg.optim
         settings = OptimSettings(lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
                                  adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.use_distributed_optimizer,
@@ -83,6 +82,10 @@ class Trainer:
         sp = cfg.parallel.sequence_parallel
         banned = engine_banned_ids(hf_dir, self.tokenizer)
         self.actor = PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=True, optim=settings, banned_ids=banned)
+        self.lr_scheduler = self._build_lr_scheduler()
+        from megatron_papo.evaluate import Validator
+
+        self.validator = Validator(cfg, self.processor, self.reward_fn)
         self.ref = (PolicyModel(cfg.model, groups, hf_dir, sequence_parallel=sp, trainable=False, banned_ids=banned)
                     if cfg.algo.use_ref else None)
         self.papo = cfg.algo.kl_prcp_coef > 0 or cfg.algo.aug_entropy_coef > 0
@@ -102,8 +105,7 @@ class Trainer:
         self._offload_ref = bool(self.ref is not None and cfg.model.offload_ref and groups.device.type == "cuda")
         if self._offload_ref:
             self.ref.move_to(torch.device("cpu"))
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_rank0, jsonl=cfg.logging.jsonl,
-                                     tensorboard=cfg.logging.tensorboard, resume_step=resume)
+        self.metrics = MetricsWriter.from_config(cfg, enabled=self.is_rank0, resume_step=resume)
         if resume is not None or initialised:
             self.sync_weights()  # the engine loaded the HF dir; it must serve the checkpoint's weights
 
@@ -111,6 +113,14 @@ class Trainer:
         from megatron_papo.models.qwen2_5_vl import resolve_dtype
 
         return resolve_dtype(self.cfg.model.dtype, self.groups.device)
+
+    def _build_lr_scheduler(self) -> Any:
+        from megatron_papo.config.optim import lr_schedule_steps
+
+        o = self.cfg.optim
+        warmup, decay = lr_schedule_steps(o, self.cfg.total_steps)
+        return build_lr_scheduler(self.actor.optimizer, lr=o.lr, min_lr=o.min_lr, warmup_steps=warmup, decay_steps=decay,
+                                  decay_style=o.lr_decay, weight_decay=o.weight_decay)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -130,6 +140,9 @@ class Trainer:
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.skip_guard.consecutive = int(state.get("skipped_consecutive", 0))
         self.loader.load_state_dict(state["loader"])
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.validator.load_state_dict(state.get("eval", {}))
         log.info("resumed from %s (step %d)", path, self.step)
         return self.step
 
@@ -157,7 +170,8 @@ class Trainer:
     def save(self) -> None:
         """Collective: checkpoint the current step (refused, with an error logged, if a weight is non-finite)."""
         state = {"loader": self.loader.state_dict(), "skipped_updates": self.skipped_updates,
-                 "skipped_consecutive": self.skip_guard.consecutive}
+                 "skipped_consecutive": self.skip_guard.consecutive,
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "eval": self.validator.state_dict()}
         ck = self.cfg.checkpoint
         if save_checkpoint(self.ckpt_root, self.step, self.actor.chunks, self.actor.optimizer, trainer_state=state,
                            keep_last=ck.keep_last, verify=ck.verify) is not None:
@@ -289,6 +303,8 @@ class Trainer:
         n_mini = cfg.optim.rollout_batch_size // cfg.optim.global_batch_size
         rows_per_mini = per_dp // n_mini
         spec = LossSpec.from_config(cfg.algo, step - 1, cfg.total_steps)
+        self.lr_scheduler.step(1)  # this step's lr (optim.lr_decay schedule, counted in training steps)
+        metrics["optim/lr"] = current_lr(self.actor.optimizer)
         extra_t = {**{k: v for k, v in per_token.items() if v is not None}, "advantages": adv}
         upd: dict[str, float] = {}
         for epoch in range(cfg.optim.ppo_epochs):
@@ -418,17 +434,14 @@ class Trainer:
         return True
 
     def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
-        """Accuracy on the test split through the engine (rank 0) and the majority-class baseline."""
-        from megatron_papo.evaluate import evaluate_split
-
+        """avg@k on every validation benchmark through the engine (rank 0): ``eval/<name>/*``, macro, best so far."""
         res: dict[str, float] = {}
         if self.is_rank0 and self.engine is not None:
             if self._engine_released:
                 self.engine.resume_memory()
                 self._engine_released = False
-            res = evaluate_split(self.engine, self.cfg, self.processor, self.reward_fn, n=1)
-            self.metrics.write(step, {f"eval/{k}": v for k, v in res.items()} | {"eval/final": float(final)})
-            log.info("eval step %d: accuracy %.3f (majority baseline %.3f)", step, res["accuracy"], res["majority_baseline"])
+            res = self.validator(self.engine, step, final)
+            self.metrics.write(step, res)
         if dist.is_initialized():
             dist.barrier()
         return res

@@ -35,7 +35,12 @@ class DataConfig:
     image_key: str = field("images", help="column with the list of images (PIL, {bytes,path} dicts, paths or bytes)")
     format_prompt: Literal["math_perception", "math", "short_answer", "none"] = field(
         "math_perception", help="instruction appended to the question (see megatron_papo/data/prompt.py)")
-    reward: str = field("math", help="reward function name (math | synthetic)")
+    reward: str = field("math", help="reward function: a registered name (math | synthetic) or a plugin "
+                        "path/to/file.py:fn (see megatron_papo/rewards/plugin.py for the signature)")
+    reward_workers: int = field(2, help="worker processes that compute rewards (each call under reward_timeout_s); "
+                                "0 = in the calling process, without a timeout")
+    reward_timeout_s: float = field(30.0, help="time limit of one reward call; a reward that hangs past it or raises "
+                                    "scores 0, is counted (reward/failed) and logged with the sample id")
     format_weight: float = field(0.1, help="reward = (1 - w) * accuracy + w * format (PAPO: 0.1; 0 = accuracy only)")
     max_prompt_length: int = field(4096, help="prompts longer than this (incl. image tokens) are filtered and counted")
     min_pixels: Optional[int] = field(None, help="images below this area are upscaled; None = auto (PAPO 256*28*28, synthetic 56*56)")
@@ -59,6 +64,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name}: got {v}, expected a positive pixel count or null (auto)")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ConfigError(f"data.min_pixels ({self.min_pixels}) > data.max_pixels ({self.max_pixels}); swap or lower min_pixels")
+        if self.reward_workers < 0:
+            raise ConfigError(f"data.reward_workers: got {self.reward_workers}, expected >= 0 (0 = in process)")
+        if not self.reward_timeout_s > 0:
+            raise ConfigError(f"data.reward_timeout_s: got {self.reward_timeout_s}, expected a positive number of seconds")
+        if ".py:" in self.reward and not self.reward.rsplit(":", 1)[1].isidentifier():
+            raise ConfigError(f"data.reward={self.reward}: expected path/to/file.py:function_name")
         if self.max_prompt_length < 1:
             raise ConfigError(f"data.max_prompt_length: got {self.max_prompt_length}, expected >= 1")
 

@@ -35,6 +35,10 @@ class Config:
     eval_at_end: bool = field(True, help="evaluate the test split after training (avg accuracy, majority baseline)")
     eval_every: int = field(0, help="evaluate every N steps; 0 = only at the end")
     eval_n: int = field(1, help="samples per test question in evaluation (avg@n)")
+    eval_datasets: list[str] = field(
+        default_factory=list, help="validation benchmarks as name=source entries (source: 'synthetic' = the synthetic "
+        "test split, a PAPO_eval-style .parquet/.jsonl file or a dataset dir); metrics eval/<name>/accuracy etc., "
+        "eval/accuracy = their macro average; empty = one benchmark 'test' from data.test")
     eval_temperature: Optional[float] = field(None, help="sampling temperature of evaluation; null = rollout.temperature, 0 = greedy")
     check_invariants: bool = field(True, help="assert first-step invariants (actor==ref logprobs, ratio==1)")
     check_invariants_tol: Optional[float] = field(
@@ -151,5 +155,36 @@ def validate(cfg: Config) -> None:
     if o.cpu_offload_fraction > 0 and cfg.model.fp8_param_gather and cfg.model.fp8_recipe != "delayed":
         raise ConfigError(f"optim.cpu_offload_fraction > 0 with model.fp8_param_gather=true needs model.fp8_recipe="
                           f"delayed (got {cfg.model.fp8_recipe}); set model.fp8_param_gather=false")
+    _validate_lr_schedule(cfg)
+    _validate_eval_datasets(cfg.eval_datasets)
+    from megatron_papo.utils.trackers import check_backends
+
+    check_backends(cfg.logging.backends)
     if not 0.0 <= cfg.data.mask_prob <= 1.0:
         raise ConfigError(f"data.mask_prob={cfg.data.mask_prob} must be in [0, 1]")
+
+
+def _validate_lr_schedule(cfg: Config) -> None:
+    from megatron_papo.config.optim import lr_schedule_steps
+
+    o = cfg.optim
+    if o.lr_warmup_steps < 0:
+        raise ConfigError(f"optim.lr_warmup_steps={o.lr_warmup_steps} must be >= 0")
+    if not 0.0 <= o.lr_warmup_ratio < 1.0:
+        raise ConfigError(f"optim.lr_warmup_ratio={o.lr_warmup_ratio} must be in [0, 1)")
+    if o.lr_warmup_steps and o.lr_warmup_ratio:
+        raise ConfigError("optim.lr_warmup_steps and optim.lr_warmup_ratio are both set; keep one (the other = 0)")
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    if o.lr_decay_steps is not None and o.lr_decay_steps < 1:
+        raise ConfigError(f"optim.lr_decay_steps={o.lr_decay_steps} must be >= 1 (or null = total_steps)")
+    warmup, decay = lr_schedule_steps(o, cfg.total_steps)
+    if o.lr_decay != "constant" and warmup >= decay:
+        raise ConfigError(f"optim: warmup ({warmup} steps) must end before the {o.lr_decay} decay does "
+                          f"(lr_decay_steps={decay}); lower the warmup or raise optim.lr_decay_steps")
+
+
+def _validate_eval_datasets(entries: Sequence[str]) -> None:
+    from megatron_papo.evaluate import parse_benchmarks
+
+    parse_benchmarks(entries, default_source="synthetic")

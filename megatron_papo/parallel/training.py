@@ -199,3 +199,36 @@ def zero_grads(model_chunks: list[torch.nn.Module], optimizer: Any) -> None:
     for m in model_chunks:
         m.zero_grad_buffer()
     optimizer.zero_grad()
+
+
+def build_lr_scheduler(optimizer: Any, *, lr: float, min_lr: float = 0.0, warmup_steps: int = 0, decay_steps: int = 1,
+                       decay_style: str = "constant", weight_decay: float = 0.0) -> Any:
+    """megatron-core's ``OptimizerParamScheduler`` over ``optimizer``'s param groups, counted in training steps.
+
+    Call ``step(1)`` before the update of each training step: step s (1-based) then trains at lr*s/warmup during
+    warmup, and afterwards at ``decay_style`` (constant | linear | cosine) from lr down to ``min_lr`` at
+    ``decay_steps``. The schedule owns max/min lr: they are written into the param groups on every step (mcore's
+    optimizer leaves ``min_lr`` unset, and a checkpoint's groups carry the old values), so the config wins on resume
+    while ``num_steps`` comes from :meth:`state_dict` (saved with the checkpoint). Weight decay stays constant.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class _Scheduler(OptimizerParamScheduler):
+        def step(self, increment: int) -> None:
+            for group in self.optimizer.param_groups:
+                if group.get("default_config", True):
+                    group["max_lr"], group["min_lr"] = self.max_lr, self.min_lr
+            super().step(increment)
+
+    return _Scheduler(optimizer, init_lr=0.0, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_steps,
+                      lr_decay_steps=max(decay_steps, warmup_steps + 1), lr_decay_style=decay_style,
+                      start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+                      use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+
+
+def current_lr(optimizer: Any) -> float:
+    """The learning rate of the optimizer's default param groups (what ``optim/lr`` logs)."""
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+    lr = get_canonical_lr_for_logging(optimizer.param_groups)
+    return float(lr if lr is not None else optimizer.param_groups[0]["lr"])

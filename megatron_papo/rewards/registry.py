@@ -1,11 +1,11 @@
-"""Registry of batch reward functions ``fn(responses, answers) -> list[{overall, format, accuracy}]``."""
+"""Registry of batch reward functions ``fn(responses, answers) -> list[{overall, format, accuracy}]``; plugins by path."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 
-from megatron_papo.algos.registry import Registry
+from megatron_papo.utils.registry import Registry
 
 RewardFn = Callable[[list[str], list[str]], list[dict[str, float]]]
 REWARDS: Registry[RewardFn] = Registry("reward function")
@@ -18,7 +18,12 @@ def _load_builtins() -> None:
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The reward function registered as ``name``; unknown names fail listing the known ones."""
+    """The reward function registered as ``name`` (or a plugin ``path/to/file.py:fn``, ``rewards/plugin.py``);
+    unknown names fail listing the known ones."""
+    if ".py:" in name:
+        from megatron_papo.rewards.plugin import load_plugin
+
+        return load_plugin(name)
     _load_builtins()
     return REWARDS.get(name)
 

@@ -21,8 +21,8 @@ def test_defaults_are_papo_g():
 
 
 def test_overrides_and_types():
-    cfg = load_config(None, ["parallel.tp=2", "optim.lr=3e-4", "logging.tensorboard=false", "rollout.n=8"])
-    assert cfg.parallel.tp == 2 and cfg.optim.lr == 3e-4 and cfg.logging.tensorboard is False and cfg.rollout.n == 8
+    cfg = load_config(None, ["parallel.tp=2", "optim.lr=3e-4", "logging.progress=false", "rollout.n=8"])
+    assert cfg.parallel.tp == 2 and cfg.optim.lr == 3e-4 and cfg.logging.progress is False and cfg.rollout.n == 8
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -30,7 +30,7 @@ def test_overrides_and_types():
     ("foo.bar=1", "unknown config key 'foo'"),
     ("parallel.tpp=2", "unknown config key 'parallel.tpp'"),
     ("algo.kl_prcp_estimator=magic", "expected one of ['k3_sampled', 'exact']"),
-    ("logging.tensorboard=maybe", "expected bool"),
+    ("logging.progress=maybe", "expected bool"),
     ("optim.rollout_batch_size=100", "must be a multiple of optim.global_batch_size"),
     ("model.fp8=e4m3", "needs model.transformer_impl=transformer_engine"),
     ("parallel", "not of the form key.sub=value"),

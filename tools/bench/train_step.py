@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_papo.trainer import Trainer
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
-    base = ["checkpoint.save_every=0", "eval_at_end=false", "logging.progress=false", "logging.tensorboard=false",
+    base = ["checkpoint.save_every=0", "eval_at_end=false", "logging.progress=false", "logging.backends=jsonl",
             "checkpoint.resume=never", *args.overrides]
     engine = None
     groups = None
