@@ -23,38 +23,58 @@ def majority_baseline(answers: Sequence[str]) -> float:
     return counts.most_common(1)[0][1] / len(answers)
 
 
+def score_questions(engine: Any, samples: Sequence[Any], reward_fn: Any, *, n: int, sampling: dict[str, Any],
+                    seed: int) -> list[tuple[float, float, str]]:
+    """``(accuracy averaged over n samples, format rate, ground truth)`` of each question, in order."""
+    from megatron_papo.rollout_phase import sample_seed
+
+    seeds = [[sample_seed(seed, 0, s.uid, k) for k in range(n)] for s in samples]
+    outs = engine.generate([(s.prompt, s.images) for s in samples], n=n, sampling=sampling, seeds=seeds)
+    tok = getattr(engine, "tokenizer", None)
+    rows = []
+    for s, res in zip(samples, outs):
+        texts = [r.text if getattr(r, "text", None) is not None else tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
+        rw = reward_fn(texts, [s.answer] * len(texts))
+        rows.append((sum(r.get("accuracy", 0.0) for r in rw) / len(rw), sum(r.get("format", 0.0) for r in rw) / len(rw),
+                     s.answer))
+    return rows
+
+
+def summarize(rows: Sequence[tuple[float, float, str]], n: int) -> dict[str, float]:
+    """avg@n accuracy, format rate and majority baseline over per-question rows (:func:`score_questions`)."""
+    m = max(1, len(rows))
+    return {"accuracy": sum(r[0] for r in rows) / m, "format": sum(r[1] for r in rows) / m,
+            "majority_baseline": majority_baseline([r[2] for r in rows]), "questions": float(len(rows)), "n": float(n)}
+
+
 def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any], seed: int,
                      batch_size: int = 64) -> dict[str, float]:
     """avg@n accuracy (and format rate) of ``engine`` on every prompt of a PromptDataset."""
-    from megatron_papo.rollout_phase import sample_seed
-
-    accs, fmts, answers = [], [], []
+    rows: list[tuple[float, float, str]] = []
     for start in range(0, len(dataset), batch_size):
         samples = [dataset.encode(i) for i in range(start, min(len(dataset), start + batch_size))]
-        seeds = [[sample_seed(seed, 0, s.uid, k) for k in range(n)] for s in samples]
-        outs = engine.generate([(s.prompt, s.images) for s in samples], n=n, sampling=sampling, seeds=seeds)
-        tok = getattr(engine, "tokenizer", None)
-        for s, res in zip(samples, outs):
-            texts = [r.text if getattr(r, "text", None) is not None else tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
-            rw = reward_fn(texts, [s.answer] * len(texts))
-            accs.append(sum(r.get("accuracy", 0.0) for r in rw) / len(rw))
-            fmts.append(sum(r.get("format", 0.0) for r in rw) / len(rw))
-            answers.append(s.answer)
-    m = max(1, len(accs))
-    return {"accuracy": sum(accs) / m, "format": sum(fmts) / m, "majority_baseline": majority_baseline(answers),
-            "questions": float(len(accs)), "n": float(n)}
+        rows += score_questions(engine, samples, reward_fn, n=n, sampling=sampling, seed=seed)
+    return summarize(rows, n)
 
 
-def evaluate_split(engine: Any, cfg: Any, processor: Any, reward_fn: Any, n: int = 1) -> dict[str, float]:
-    """The trainer's end-of-run evaluation on ``cfg.data.test`` with the rollout sampling settings."""
-    from megatron_papo.data.dataset import load_prompt_dataset
-
-    ds = load_prompt_dataset(cfg.data.test, cfg.data, processor, "test")
+def eval_settings(cfg: Any, n: int = 1) -> tuple[dict[str, Any], int, int]:
+    """``(sampling, n, seed)`` of the trainer's evaluation: the rollout sampling settings (``eval_temperature``
+    overrides the temperature; greedy decoding has one answer per question)."""
     r = cfg.rollout
     temperature = r.temperature if cfg.eval_temperature is None else cfg.eval_temperature
     sampling = {"temperature": temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
-    n = 1 if temperature == 0 else max(n, cfg.eval_n)  # greedy decoding has one answer per question
-    return evaluate_dataset(engine, ds, reward_fn, n=n, sampling=sampling, seed=cfg.seed + 7919)
+    n = 1 if temperature == 0 else max(n, cfg.eval_n)
+    return sampling, n, cfg.seed + 7919
+
+
+def evaluate_split(engine: Any, cfg: Any, processor: Any, reward_fn: Any, n: int = 1) -> dict[str, float]:
+    """The trainer's end-of-run evaluation on ``cfg.data.test`` with one engine (the trainer splits it over its
+    fleet: ``RolloutFleet.evaluate``)."""
+    from megatron_papo.data.dataset import load_prompt_dataset
+
+    ds = load_prompt_dataset(cfg.data.test, cfg.data, processor, "test")
+    sampling, n, seed = eval_settings(cfg, n)
+    return evaluate_dataset(engine, ds, reward_fn, n=n, sampling=sampling, seed=seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
