@@ -189,10 +189,16 @@ class RolloutFleet:
         if dist.is_initialized() and self.world_size > 1:
             everyone = [None] * self.world_size
             dist.all_gather_object(everyone, list(errors))
-        found = [e for errs in everyone for e in (errs or [])]
-        if found:
-            self.shutdown()
-            raise FleetError(f"rollout fleet: {what} failed on {len(found)} engine(s):\n  " + "\n  ".join(found))
+        self._fail([e for errs in everyone for e in (errs or [])], what)
+
+    def _fail(self, found: list[str], what: str) -> None:
+        """Shut this rank's engines down and raise the fleet error (logged to this rank's log) if any."""
+        if not found:
+            return
+        msg = f"rollout fleet: {what} failed on {len(found)} engine(s):\n  " + "\n  ".join(found)
+        log.error("%s", msg)
+        self.shutdown()
+        raise FleetError(msg)
 
     # ------------------------------------------------------------------ work
     def _guarded(self, index: int, fn: Callable[[Any], Any]) -> tuple[bool, Any]:
@@ -235,10 +241,7 @@ class RolloutFleet:
         if dist.is_initialized() and self.world_size > 1:
             everyone = [None] * self.world_size
             dist.all_gather_object(everyone, payload)
-        found = [e for p in everyone for e in p["errors"]]
-        if found:
-            self.shutdown()
-            raise FleetError(f"rollout fleet: {what} failed on {len(found)} engine(s):\n  " + "\n  ".join(found))
+        self._fail([e for p in everyone for e in p["errors"]], what)
         results: list[tuple[int, Any]] = []
         merged = {k: v for p in everyone for k, v in p["blocks"].items()}
         for k, (a, b) in enumerate(blocks):
