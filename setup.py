@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # The rollout engine. On CPU machines launch/setup_env.sh installs it and its CPU plumbing.
-    "sglang": ["sglang==0.5.23"],
+    "sglang": ["sglang==0.5.23", "sglang-router==0.3.2"],  # the router: server fleets (rollout/router.py)
     # GPU clusters: installed inside the NGC container (see Dockerfile), never on CPU machines.
     "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7", "vllm>=0.11"],
     "dev": ["pytest", "pytest-timeout", "ruff"],

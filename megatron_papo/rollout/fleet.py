@@ -92,14 +92,20 @@ def split_blocks(num_items: int, num_engines: int) -> list[tuple[int, int]]:
 
 
 def default_engine_factory(cfg: Any, hf_dir: str, slot: EngineSlot) -> Any:
-    """Build and start the configured engine for ``slot`` (an external URL is attached, not started)."""
+    """Build and start the configured engine for ``slot`` (an external URL is attached, not started).
+
+    Engine k samples with ``rollout.seed + k``: engines given the same seed would draw the same random numbers
+    for their different prompts (correlated samples across the fleet)."""
+    import dataclasses
+
     from megatron_papo.rollout_phase import make_engine
 
+    rollout = dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + slot.index)
     if slot.url is not None:
         from megatron_papo.rollout.sglang_server import ExternalServerEngine
 
-        return ExternalServerEngine.from_config(cfg.rollout, hf_dir, url=slot.url).start()
-    return make_engine(cfg.rollout, hf_dir, base_gpu_id=slot.base_gpu_id).start()
+        return ExternalServerEngine.from_config(rollout, hf_dir, url=slot.url).start()
+    return make_engine(rollout, hf_dir, base_gpu_id=slot.base_gpu_id).start()
 
 
 def _describe(slot: EngineSlot, engine: Any, pid: Optional[int], err: BaseException) -> str:

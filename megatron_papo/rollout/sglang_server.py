@@ -166,6 +166,9 @@ class SGLangServerEngine(SGLangEngine):
                                        if "logit_bias" in sp else sp for sp in body["sampling_params"]]
             if body.get("image_data") is not None:
                 body["image_data"] = [[_data_url(im) for im in ims] if ims else None for ims in body["image_data"]]
+            sps = body["sampling_params"]
+            if self.router_url and all(sp == sps[0] for sp in sps):
+                body["sampling_params"] = sps[0]  # sglang-router takes one sampling_params object per batch
         if method == "update_serialized":
             body = {"serialized_named_tensors": body["payloads"], "load_format": body["load_format"],
                     "flush_cache": body["flush_cache"]}
@@ -215,8 +218,10 @@ class SGLangServerEngine(SGLangEngine):
         box: dict[str, Any] = {}
 
         def run() -> None:
+            # a batch with per-request sampling params (per-sample seeds) cannot pass the router: straight to the server
+            routed = method == "generate" and isinstance(body["sampling_params"], dict)
             try:
-                box["result"] = self._http(verb, path, body, self.timeout_s + 5, via_router=method == "generate")
+                box["result"] = self._http(verb, path, body, self.timeout_s + 5, via_router=routed)
             except urllib.error.HTTPError as e:
                 box["error"] = f"HTTP {e.code}: {e.read().decode(errors='replace')[:4000]}"
             except Exception as e:  # connection refused/reset: judged by the liveness check in _recv

@@ -71,16 +71,30 @@ def test_short_run_metrics_tensorboard_and_engine_gap(tmp_path):
 
 
 @pytest.mark.distributed
-def test_tp2_pp2_token_budget_and_packing_first_step_equal_single_process(tmp_path):
-    extra = ["total_steps=1", "checkpoint.save_every=0", "eval_at_end=false"]
-    ref = _train(tmp_path / "tp1", extra=extra)[0]
+def test_two_engine_fleets_on_every_layout_serve_new_weights_and_agree_on_the_first_step(tmp_path):
+    """2-step runs, each with a 2-engine rollout fleet: colocated under torchrun at DP=2 (the reference), TP=2, PP=2
+    and token-budget packed TP=2, and 2 separate ``sglang.launch_server`` engines behind sglang-router fed through ONE
+    weight-update group (a single trainer process). Every engine's log-probs equal the trainer's after every sync
+    (step 2 runs on synced weights); the fleets split the prompts alike and seed engine k alike, so the rollouts and
+    with them the first-step metrics must not depend on the layout."""
+    extra = ["total_steps=2", "checkpoint.save_every=0", "eval_at_end=false"]
+    runs = {"dp2": _train(tmp_path / "dp2", nproc=2, extra=extra)}
     for name, nproc, layout in (("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2", "optim.micro_batch_size=32"]),
                                 # token-budget micro-batches of packed rows, at TP=2 (unpacked budgets: test_actor_batches)
                                 ("packed_tp2", 2, ["parallel.tp=2", "optim.micro_batch_tokens=1000",
-                                                   "optim.pack_sequences=true"])):
-        got = _train(tmp_path / name, nproc=nproc, extra=extra + layout)[0]
+                                                   "optim.pack_sequences=true"]),
+                                ("servers", 1, ["rollout.placement=separate", "rollout.mode=server",
+                                                "rollout.transport=distributed", "rollout.num_engines=2"])):
+        runs[name] = _train(tmp_path / name, nproc=nproc, extra=extra + layout)
+    ref = runs["dp2"][0]
+    for name, rows in runs.items():
+        assert [r["step"] for r in rows] == [1, 2], name
+        for r in rows:  # every engine, every step
+            gaps = [r[f"rollout/logprob_gap/engine{k}"] for k in (0, 1)]
+            assert max(gaps) <= 1e-4 and r["rollout/logprob_gap"] == max(gaps), (name, r["step"], gaps)
+        assert rows[1]["kl/ref"] > 0, name  # the actor moved, and both engines' log-probs moved with it
         for k in LAYOUT_FREE:
-            assert abs(got[k] - ref[k]) <= 1e-4 * max(1.0, abs(ref[k])), (name, k, got[k], ref[k])
+            assert abs(rows[0][k] - ref[k]) <= 1e-4 * max(1.0, abs(ref[k])), (name, k, rows[0][k], ref[k])
 
 
 def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
@@ -133,18 +147,6 @@ def test_bad_layout_exits_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-papo:")]
     assert len(lines) == 1 and "tp(2)*pp(1)*cp(1)=2 does not divide world_size 1" in lines[0], proc.stderr[-2000:]
-
-
-def test_separate_engine_placement_over_a_weight_group(tmp_path):
-    """placement=separate: the engine is its own SGLang server process and every sync goes through a gloo group
-    with its scheduler (update_weights_from_distributed); the engine must serve the new weights each step."""
-    rows = _train(tmp_path / "sep", extra=["total_steps=2", "checkpoint.save_every=0", "eval_at_end=false",
-                                           "rollout.placement=separate", "rollout.mode=server",
-                                           "rollout.transport=distributed"])
-    steps = [r for r in rows if "reward/mean" in r]
-    assert [r["step"] for r in steps] == [1, 2]
-    assert all(r["rollout/logprob_gap"] <= 1e-4 for r in steps), [r["rollout/logprob_gap"] for r in steps]
-    assert steps[1]["kl/ref"] > 0  # the actor moved, and the engine's log-probs moved with it
 
 
 def _hf_tensors(run_dir: Path, out: Path) -> dict:
