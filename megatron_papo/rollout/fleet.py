@@ -129,6 +129,7 @@ class RolloutFleet:
         self._released = False
         self._weight_group: Any = None
         self.started = bool(self.engines)  #: the engines were started (False: mode=train_from_rollouts)
+        self.routed = False  #: rollout requests pass through the router (it keeps the banned-id logit bias)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -171,9 +172,16 @@ class RolloutFleet:
             try:
                 from megatron_papo.rollout.router import Router
 
-                fleet.router = Router([e.url for _, e in sorted(fleet.engines.items())]).start()
-                for e in fleet.engines.values():
-                    e.router_url = fleet.router.url
+                engines = [e for _, e in sorted(fleet.engines.items())]
+                fleet.router = Router([e.url for e in engines]).start()
+                fleet.routed = fleet.router.keeps_logit_bias(engines[0].url)
+                if fleet.routed:
+                    for e in engines:
+                        e.router_url = fleet.router.url
+                else:
+                    log.warning("sglang-router at %s drops sampling_params.logit_bias (the banned-id mask): rollout "
+                                "requests go straight to their servers; the router serves other clients",
+                                fleet.router.url)
             except Exception as e:
                 errors.append(f"sglang-router (rank {groups.rank}): {type(e).__name__}: {e}")
         fleet._agree(errors, "start")

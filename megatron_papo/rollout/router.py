@@ -2,9 +2,15 @@
 
 The fleet starts it with the URLs of its SGLang servers and waits until every one is registered and healthy.
 Rollout requests go through it addressed to their engine (``x-smg-target-worker``), so the fleet's deterministic
-split of prompts holds while clients that do not care (an evaluation, a person with curl) get its load balancing
+split of prompts holds, while other clients (a person with curl, an external evaluator) get its load balancing
 (``cache_aware``). The router runs in its own process group; :meth:`Router.shutdown` ends exactly the processes
 it started.
+
+Correctness first: sglang-router 0.3.2 silently drops ``sampling_params.logit_bias`` (measured: a token banned
+through it is still sampled, and its log-probs are those of the unmasked distribution), and the trainer's
+banned-id mask travels as a logit bias. :meth:`Router.keeps_logit_bias` probes this once at start (one greedy
+token direct, the same request through the router with that token banned); when the bias is lost, the fleet
+sends its requests straight to each server and says so in the log.
 """
 
 from __future__ import annotations
@@ -72,6 +78,14 @@ class Router:
                                   f"{self.start_timeout_s:.0f}s")
             time.sleep(0.5)
 
+    def keeps_logit_bias(self, worker_url: str, timeout: float = 120.0) -> bool:
+        """Does a request through the router keep its ``logit_bias``? (greedy token direct, then banned via router)"""
+        body = {"input_ids": [1, 2, 3, 4], "sampling_params": {"temperature": 0.0, "max_new_tokens": 1}}
+        tok = _post(worker_url + "/generate", body, {}, timeout)["output_ids"][0]
+        body["sampling_params"]["logit_bias"] = {str(tok): -1e30}
+        routed = _post(self.url + "/generate", body, {"x-smg-target-worker": worker_url}, timeout)["output_ids"][0]
+        return routed != tok
+
     def healthy_workers(self) -> list[str]:
         """URLs of the workers the router has registered as healthy ([] while it is not answering)."""
         try:
@@ -102,3 +116,10 @@ class Router:
         end_processes(tracked)
         self._proc.wait(10)
         self._proc = None
+
+
+def _post(url: str, body: dict, headers: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
