@@ -57,7 +57,7 @@ def _rollouts(run_dir: Path, nproc: int, extra: list[str]) -> list:
 
 @pytest.mark.distributed
 def test_greedy_rollouts_of_two_engine_fleets_equal_one_engine(tmp_path):
-    greedy = ["rollout.temperature=0"]
+    greedy = ["rollout.temperature=0", "rollout.max_new_tokens=4"]
     one = _rollouts(tmp_path / "one", 1, greedy)
     fleets = {"colocated_dp2": _rollouts(tmp_path / "dp2", 2, greedy),
               "servers_router": _rollouts(tmp_path / "servers", 1, greedy + SERVERS)}
@@ -69,7 +69,8 @@ def test_greedy_rollouts_of_two_engine_fleets_equal_one_engine(tmp_path):
         gap = max(abs(a - b) for g, h in zip(groups, one) for x, y in zip(g.engine_logprobs, h.engine_logprobs)
                   for a, b in zip(x, y))
         assert gap <= 1e-5, (name, gap)
-    assert len({tuple(map(tuple, g.response_ids)) for g in one}) > 1  # not one answer for every prompt
+    # the random tiny policy may answer every prompt alike, but its log-probs depend on the prompt (and image)
+    assert len({tuple(g.engine_logprobs[0]) for g in one}) > 8
 
 
 @pytest.mark.distributed
