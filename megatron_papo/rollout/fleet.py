@@ -151,6 +151,9 @@ class RolloutFleet:
         if engine_factory is None:
             return fleet
         fleet.started = True
+        # every owner starts its engine at once, no stagger: two SGLang CPU engines loading side by side on one machine
+        # start fine (their KV pools are capped by max_total_tokens, not sized from the RAM left, see CPU_ENGINE_KWARGS);
+        # on GPUs each engine has devices of its own
         mine = [s for s in slots if s.owner == groups.rank]
         errors: list[str] = []
         t0 = time.perf_counter()
