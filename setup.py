@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # The rollout engine. On CPU machines launch/setup_env.sh installs it and its CPU plumbing.
-    "sglang": ["sglang==0.5.23"],
+    "sglang": ["sglang==0.5.23", "sglang-router==0.3.2"],  # the router: server fleets (rollout/router.py)
     # The optional vLLM engine (rollout.engine=vllm), GPU only: the newest vLLM built for the torch 2.14 minor whose
     # requirements accept transformers 5.19.0 / tokenizers 0.23.2. Its exact pins (xgrammar, openai, numba,
     # flashinfer, ...) clash with sglang's, so it cannot share an environment with the sglang extra: the Dockerfile

@@ -30,27 +30,48 @@ def majority_baseline(answers: Sequence[str]) -> float:
     return counts.most_common(1)[0][1] / len(answers)
 
 
-def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any], seed: int,
-                     batch_size: int = 64) -> dict[str, float]:
-    """avg@n accuracy (and format rate) of ``engine`` on every prompt of a PromptDataset."""
+def score_questions(engine: Any, samples: Sequence[Any], reward_fn: Any, *, n: int, sampling: dict[str, Any],
+                    seed: int) -> list[tuple[float, float, str]]:
+    """``(accuracy averaged over n samples, format rate, ground truth)`` of each question, in order."""
     from megatron_papo.rewards import score
     from megatron_papo.rollout_phase import sample_seed
 
-    accs, fmts, answers = [], [], []
+    seeds = [[sample_seed(seed, 0, s.uid, k) for k in range(n)] for s in samples]
+    outs = engine.generate([(s.prompt, s.images) for s in samples], n=n, sampling=sampling, seeds=seeds)
+    tok = getattr(engine, "tokenizer", None)
+    rows = []
+    for s, res in zip(samples, outs):
+        texts = [r.text if getattr(r, "text", None) is not None else tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
+        rw = score(reward_fn, texts, [s.answer] * len(texts), [f"eval/uid{s.uid}/{k}" for k in range(len(texts))])
+        rows.append((sum(r.get("accuracy", 0.0) for r in rw) / len(rw), sum(r.get("format", 0.0) for r in rw) / len(rw),
+                     s.answer))
+    return rows
+
+
+def summarize(rows: Sequence[tuple[float, float, str]], n: int) -> dict[str, float]:
+    """avg@n accuracy, format rate and majority baseline over per-question rows (:func:`score_questions`)."""
+    m = max(1, len(rows))
+    return {"accuracy": sum(r[0] for r in rows) / m, "format": sum(r[1] for r in rows) / m,
+            "majority_baseline": majority_baseline([r[2] for r in rows]), "questions": float(len(rows)), "n": float(n)}
+
+
+def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any], seed: int,
+                     batch_size: int = 64) -> dict[str, float]:
+    """avg@n accuracy (and format rate) of ``engine`` on every prompt of a PromptDataset."""
+    return summarize(dataset_rows(engine, dataset, reward_fn, n=n, sampling=sampling, seed=seed, batch_size=batch_size), n)
+
+
+def dataset_rows(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any], seed: int,
+                 batch_size: int = 64) -> list[tuple[float, float, str]]:
+    """:func:`score_questions` rows of every prompt of a dataset, in order. ``engine`` is one rollout engine, or a
+    :class:`~megatron_papo.rollout.fleet.RolloutFleet` that splits the questions over its engines (collective)."""
+    if hasattr(engine, "score_dataset"):
+        return engine.score_dataset(dataset, reward_fn, n=n, sampling=sampling, seed=seed, batch_size=batch_size)
+    rows: list[tuple[float, float, str]] = []
     for start in range(0, len(dataset), batch_size):
         samples = [dataset.encode(i) for i in range(start, min(len(dataset), start + batch_size))]
-        seeds = [[sample_seed(seed, 0, s.uid, k) for k in range(n)] for s in samples]
-        outs = engine.generate([(s.prompt, s.images) for s in samples], n=n, sampling=sampling, seeds=seeds)
-        tok = getattr(engine, "tokenizer", None)
-        for s, res in zip(samples, outs):
-            texts = [r.text if getattr(r, "text", None) is not None else tok.decode(r.token_ids, skip_special_tokens=True) for r in res]
-            rw = score(reward_fn, texts, [s.answer] * len(texts), [f"eval/uid{s.uid}/{k}" for k in range(len(texts))])
-            accs.append(sum(r.get("accuracy", 0.0) for r in rw) / len(rw))
-            fmts.append(sum(r.get("format", 0.0) for r in rw) / len(rw))
-            answers.append(s.answer)
-    m = max(1, len(accs))
-    return {"accuracy": sum(accs) / m, "format": sum(fmts) / m, "majority_baseline": majority_baseline(answers),
-            "questions": float(len(accs)), "n": float(n)}
+        rows += score_questions(engine, samples, reward_fn, n=n, sampling=sampling, seed=seed)
+    return rows
 
 
 @dataclass(frozen=True)

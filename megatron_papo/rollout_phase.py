@@ -1,8 +1,10 @@
-"""The rollout phase of a training step: masked views, generation, rewards, DAPO filtering.
+"""The rollout phase's per-engine pieces: one engine's block of prompts -> scored responses, and groups on every rank.
 
-Generation happens on global rank 0 (which owns the engine); the resulting groups are broadcast to
-every rank, so all ranks build identical batches. Every random choice is seeded by
-(seed, step, prompt uid, sample index), which makes a resumed run repeat an uninterrupted one.
+:class:`~megatron_papo.rollout.fleet.RolloutFleet` decides which engine gets which prompts and gathers the
+results; here is what runs for one block on the engine's owner (:func:`generate_block`: generation and
+rewards) and what every rank builds from the gathered results (:func:`assemble_group`: the masked view).
+Every random choice is seeded by (seed, step, prompt uid, sample index), which makes a resumed run repeat an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_papo.data.processing import PromptSample, make_masked_view
 from megatron_papo.rewards import score
@@ -28,6 +29,7 @@ class Group:
     finish_reasons: list[str]
     texts: list[str] = field(default_factory=list)
     rewards: list[dict[str, float]] = field(default_factory=list)
+    engine: int = 0  #: index of the fleet engine that generated the responses
 
     @property
     def scores(self) -> list[float]:
@@ -38,8 +40,13 @@ class Group:
         return sum(r.get("accuracy", 0.0) for r in self.rewards) / max(1, len(self.rewards))
 
 
-def make_engine(rollout_cfg: Any, hf_dir: str) -> Any:
-    """The configured rollout engine for an HF checkpoint directory (not started)."""
+def make_engine(rollout_cfg: Any, hf_dir: str, base_gpu_id: Optional[int] = None) -> Any:
+    """The configured rollout engine for an HF checkpoint directory (not started); ``base_gpu_id`` (a fleet
+    engine's first GPU) replaces ``rollout.engine_base_gpu``."""
+    if base_gpu_id is not None:
+        import dataclasses
+
+        rollout_cfg = dataclasses.replace(rollout_cfg, engine_base_gpu=base_gpu_id)
     if rollout_cfg.engine == "sglang":
         from megatron_papo.rollout.sglang_engine import SGLangEngine
 
@@ -56,32 +63,33 @@ def sample_seed(seed: int, step: int, uid: int, k: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + uid * 101 + k) % (2**31 - 1)
 
 
-def generate_groups(engine: Any, samples: list[PromptSample], *, n: int, sampling: dict[str, Any], step: int, seed: int,
-                    tokenizer: Any, reward_fn: Callable, data_cfg: Any, processor: Any, make_aug: bool,
-                    src_rank: int = 0) -> list[Group]:
-    """Generate n responses per prompt on rank ``src_rank``, score them, broadcast the groups to all ranks."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    payload: list[Any] = [None]
-    if rank == src_rank:
-        seeds = [[sample_seed(seed, step, s.uid, k) for k in range(n)] for s in samples]
-        outs = engine.generate([(s.prompt, s.images) for s in samples], n=n, sampling=sampling, seeds=seeds)
-        groups = []
-        for s, res in zip(samples, outs):
-            ids = [list(r.token_ids) for r in res]
-            texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-            rewards = score(reward_fn, texts, [s.answer] * len(texts), [f"step{step}/uid{s.uid}/{k}" for k in range(len(texts))])
-            groups.append(Group(sample=s, aug_pixel_values=None, response_ids=ids,
-                                engine_logprobs=[list(r.logprobs) for r in res],
-                                finish_reasons=[r.finish_reason for r in res], texts=texts, rewards=rewards))
-        payload = [[(g.response_ids, g.engine_logprobs, g.finish_reasons, g.texts, g.rewards) for g in groups]]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=src_rank)
-    groups = []
-    for s, (ids, lps, fins, texts, rewards) in zip(samples, payload[0]):
-        aug = make_masked_view(s, data_cfg, seed, step, processor) if make_aug else None
-        groups.append(Group(sample=s, aug_pixel_values=aug, response_ids=ids, engine_logprobs=lps,
-                            finish_reasons=fins, texts=texts, rewards=rewards))
-    return groups
+Scored = tuple[list[list[int]], list[list[float]], list[str], list[str], list[dict[str, float]]]
+
+
+def generate_block(engine: Any, samples: list[PromptSample], *, n: int, sampling: dict[str, Any], step: int, seed: int,
+                   tokenizer: Any, reward_fn: Callable) -> list[Scored]:
+    """On an engine's owner: n responses for each prompt of its block, decoded and scored.
+
+    Returns one ``(response_ids, engine_logprobs, finish_reasons, texts, rewards)`` per prompt, in order.
+    """
+    seeds = [[sample_seed(seed, step, s.uid, k) for k in range(n)] for s in samples]
+    outs = engine.generate([(s.prompt, s.images) for s in samples], n=n, sampling=sampling, seeds=seeds)
+    scored: list[Scored] = []
+    for s, res in zip(samples, outs):
+        ids = [list(r.token_ids) for r in res]
+        texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        rewards = score(reward_fn, texts, [s.answer] * len(texts), [f"step{step}/uid{s.uid}/{k}" for k in range(len(texts))])
+        scored.append((ids, [list(r.logprobs) for r in res], [r.finish_reason for r in res], texts, rewards))
+    return scored
+
+
+def assemble_group(sample: PromptSample, scored: Scored, *, engine: int, step: int, seed: int, data_cfg: Any,
+                   processor: Any, make_aug: bool) -> Group:
+    """On every rank: the Group of one prompt from its gathered results (plus its masked view when PAPO is on)."""
+    ids, lps, fins, texts, rewards = scored
+    aug = make_masked_view(sample, data_cfg, seed, step, processor) if make_aug else None
+    return Group(sample=sample, aug_pixel_values=aug, response_ids=ids, engine_logprobs=lps, finish_reasons=fins,
+                 texts=texts, rewards=rewards, engine=engine)
 
 
 def rollout_metrics(groups: list[Group], max_new_tokens: int) -> dict[str, float]:

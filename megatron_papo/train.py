@@ -64,9 +64,10 @@ def check_placement(cfg: Config, device_type: str, local_world_size: int) -> Non
                           f"0..{local_world_size - 1}; start it at {local_world_size} or launch fewer trainer ranks")
     import torch
 
-    if r.engine_base_gpu + r.engine_tp > torch.cuda.device_count():
-        raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} + engine_tp={r.engine_tp} exceeds the "
-                          f"{torch.cuda.device_count()} visible GPUs")
+    local = r.num_engines or (0 if r.server_urls else 1)
+    if r.engine_base_gpu + local * r.engine_tp > torch.cuda.device_count():
+        raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} + num_engines={local} x engine_tp={r.engine_tp} "
+                          f"exceeds the {torch.cuda.device_count()} visible GPUs")
 
 
 def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
@@ -96,10 +97,10 @@ def main(recipe: Optional[str], overrides: Sequence[str]) -> int:
     groups.dims.check_model(num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads, num_layers=arch.num_layers,
                             vision_heads=arch.vision.num_heads)
     check_placement(cfg, groups.device.type, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    from megatron_papo.rollout_phase import make_engine
+    from megatron_papo.rollout.fleet import default_engine_factory
     from megatron_papo.trainer import Trainer
 
-    factory = None if cfg.mode == "train_from_rollouts" else (lambda c, d: make_engine(c.rollout, d).start())
+    factory = None if cfg.mode == "train_from_rollouts" else default_engine_factory  # one engine per fleet slot
     try:
         trainer = Trainer(cfg, groups, hf_dir, engine_factory=factory)
     except BaseException:

@@ -1,11 +1,11 @@
 """The RL step: rollout -> rewards -> log-probs (old, masked, reference) -> advantages -> update -> sync.
 
-One ``Trainer`` per process. Global rank 0 owns the rollout engine and the metric sinks; the engine
-either shares the trainer's devices (``rollout.placement=colocated``: on GPUs it releases its memory
-while the actor trains, and the reference can live in host memory between its passes) or has devices
-of its own (``separate``: weights travel through a process group or disk). Every rank holds the same
-prompts and groups, takes its data-parallel share of rows, and runs the actor/reference through
-mcore's schedule (TP/PP/DP).
+One ``Trainer`` per process. Generation is the rollout fleet's (``rollout/fleet.py``): one engine per
+``rollout.engine_tp`` ranks on the trainer's devices (``rollout.placement=colocated``: on GPUs the engines
+release their memory while the actor trains, and the reference can live in host memory between its passes)
+or engines with devices of their own (``separate``: weights travel through one process group or disk). The
+fleet returns the same groups, in the same order, on every rank; each rank takes its data-parallel share of
+rows and runs the actor/reference through mcore's schedule (TP/PP/DP). Global rank 0 owns the metric sinks.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_lr_scheduler, current_lr
 from megatron_papo.preemption import Preemption
 from megatron_papo.rewards import build_reward_fn
-from megatron_papo.rollout.weight_sync import SyncState, sync_weights
-from megatron_papo.rollout_phase import Group, generate_groups, rollout_metrics
+from megatron_papo.rollout.fleet import RolloutFleet
+from megatron_papo.rollout.weight_sync import SyncState
+from megatron_papo.rollout_phase import Group, rollout_metrics
 from megatron_papo.utils.logging import get_logger, progress
 from megatron_papo.utils.metrics import MetricsWriter
 
@@ -91,8 +92,7 @@ class Trainer:
         self.papo = cfg.algo.kl_prcp_coef > 0 or cfg.algo.aug_entropy_coef > 0
         self.invariants = InvariantChecker.for_dtype(cfg.check_invariants, self._dtype(), fp8=cfg.model.fp8 is not None,
                                                      override=cfg.check_invariants_tol)
-        self.engine = engine_factory(cfg, hf_dir) if (self.is_rank0 and engine_factory is not None) else None
-        self._engine_released = False
+        self.fleet = RolloutFleet.build(cfg, groups, hf_dir, engine_factory)  # engines start on their owners
         self._sync_state = SyncState() if cfg.rollout.skip_frozen else None
         self.step = 0
         self.skipped_updates = 0
@@ -179,12 +179,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self) -> dict[str, float]:
-        """Push the actor's weights into the engine: bucketed (``rollout.bucket_mb``), one TP all-gather per
-        bucket, PP stages broadcast, HF names via the model's adapter; frozen parameters only once. Collective."""
-        if self._engine_released and self.engine is not None:
-            self.engine.resume_memory()
-            self._engine_released = False
-        stats = sync_weights(self.actor.modules, self.engine, bucket_mb=self.cfg.rollout.bucket_mb, state=self._sync_state)
+        """Push the actor's weights into every engine of the fleet: bucketed (``rollout.bucket_mb``), one TP
+        all-gather per bucket, PP stages broadcast, HF names via the model's adapter; frozen parameters only once.
+        Collective."""
+        stats = self.fleet.sync(self.actor.modules, self._sync_state)
         if dist.is_initialized():
             dist.barrier()
         return stats
@@ -216,15 +214,12 @@ class Trainer:
 
     def _generate(self, step: int) -> tuple[list[Group], dict[str, float]]:
         cfg = self.cfg
-        if self.engine is not None and self._engine_released:
-            self.engine.resume_memory()
-            self._engine_released = False
 
-        def draw() -> list[Group]:
+        def draw() -> list[Group]:  # one batch of prompts over the whole fleet (DAPO refills draw again)
             samples = self.loader.next_batch()
-            return generate_groups(self.engine, samples, n=cfg.rollout.n, sampling=self._sampling(), step=step, seed=cfg.seed,
-                                   tokenizer=self.tokenizer, reward_fn=self.reward_fn, data_cfg=cfg.data,
-                                   processor=self.processor, make_aug=self.papo)
+            return self.fleet.generate_groups(samples, n=cfg.rollout.n, sampling=self._sampling(), step=step, seed=cfg.seed,
+                                              tokenizer=self.tokenizer, reward_fn=self.reward_fn, data_cfg=cfg.data,
+                                              processor=self.processor, make_aug=self.papo)
 
         if not cfg.algo.dynamic_sampling:
             groups, extra = draw(), {}
@@ -235,11 +230,9 @@ class Trainer:
                                                           a.dynamic_sampling_low, a.dynamic_sampling_high),
                              on_limit=a.dynamic_sampling_on_limit)
             groups, extra = res.groups, {"dapo/tries": res.tries, "dapo/kept_frac": res.kept / max(1, res.drawn)}
-        if self.engine is not None and cfg.rollout.placement == "colocated" and self.groups.device.type == "cuda":
-            # colocated on GPUs: the engine gives its memory back while the actor trains (on CPU there is nothing
-            # to release, and SGLang 0.5.23's release path calls torch.cuda.synchronize and dies there)
-            self.engine.release_memory()
-            self._engine_released = True
+        # colocated on GPUs: the engines give their memory back while the actor trains (on CPU there is nothing
+        # to release, and SGLang 0.5.23's release path calls torch.cuda.synchronize and dies there)
+        self.fleet.release()
         return groups, extra
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -367,18 +360,22 @@ class Trainer:
                 eng[r, p - 1:p - 1 + lp.numel()] = lp
             mask = batch.label_mask.bool()
             mask[[i for i in range(mask.shape[0]) if i not in set(my_rows)]] = False
-            gap = (eng - old).abs()[mask].max() if mask.any() else torch.tensor(0.0)
-            vals = torch.stack([gap, torch.tensor(0.0)])
+            n_eng = max(gr.engine for gr in groups) + 1  # per-engine breakdown: rows of engine k
+            row_eng = torch.tensor([gr.engine for gr in groups for _ in gr.response_ids])[:, None]
+            diff = (eng - old).abs()
+            vals = torch.stack([diff[m].max() if m.any() else torch.tensor(0.0)
+                                for m in [mask & (row_eng == k) for k in range(n_eng)]] + [torch.tensor(0.0)])
             ref = per_token.get("ref_logprob")
             if ref is not None and step == 1:
-                vals[1] = (ref - old).abs()[mask].max() if mask.any() else 0.0
+                vals[-1] = (ref - old).abs()[mask].max() if mask.any() else 0.0
             if g.dp_size > 1:  # on the collective's device (NCCL takes no host tensors)
                 vals = vals.to(g.device)
                 dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=g.dp_group)
                 vals = vals.cpu()
-            out = {"rollout/logprob_gap": float(vals[0])}
+            out = {"rollout/logprob_gap": float(vals[:-1].max())}
+            out.update({f"rollout/logprob_gap/engine{k}": float(vals[k]) for k in range(n_eng)})
             if ref is not None and step == 1:
-                out["check/actor_ref_gap"] = float(vals[1])
+                out["check/actor_ref_gap"] = float(vals[-1])
         if g.pp_size > 1:
             obj = [out]
             dist.broadcast_object_list(obj, src=g.pp_stage_ranks()[-1], group=g.pp_group)
@@ -434,22 +431,18 @@ class Trainer:
         return True
 
     def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
-        """avg@k on every validation benchmark through the engine (rank 0): ``eval/<name>/*``, macro, best so far."""
+        """avg@k on every validation benchmark, questions split over the fleet: ``eval/<name>/*``, macro, best so
+        far (collective; the metrics are written on rank 0)."""
         res: dict[str, float] = {}
-        if self.is_rank0 and self.engine is not None:
-            if self._engine_released:
-                self.engine.resume_memory()
-                self._engine_released = False
-            res = self.validator(self.engine, step, final)
-            self.metrics.write(step, res)
-        if dist.is_initialized():
-            dist.barrier()
+        if self.fleet.started:
+            res = self.validator(self.fleet, step, final)
+            if self.is_rank0:
+                self.metrics.write(step, res)
         return res
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+        """Shut the fleet's engines down (idempotent)."""
+        self.fleet.shutdown()
 
 
 def _summary(step: int, total: int, m: dict[str, float]) -> str:

@@ -1,7 +1,12 @@
-"""After a weight sync from an mcore actor at any TP/PP, compare the engine's log-probs with the actor's.
+"""After a weight sync from an mcore actor at any TP/PP/DP, compare every engine's log-probs with the actor's.
 
     torchrun --nproc-per-node 2 tools/check_weight_sync.py --tp 2 [--pp 1] [--hf DIR] [--transport tensor]
     python tools/check_weight_sync.py                       # TP=1, a tiny model built offline
+    python tools/check_weight_sync.py --separate 2 --transport distributed   # 2 servers behind sglang-router
+
+The engines form a rollout fleet (``rollout/fleet.py``): colocated, one per ``--engine-tp`` ranks (so a
+2-process run checks 2 engines); ``--separate N``: N ``sglang.launch_server`` engines driven by rank 0
+behind sglang-router, fed through one weight-update group. Every engine decodes the whole batch.
 
 The engine starts from ``--hf`` (default: a tiny checkpoint built offline); the actor is loaded from a
 *perturbed* copy of it (seeded noise, ``--perturb``), so the engine only answers correctly if the
@@ -37,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=12, help="greedy tokens per prompt")
     p.add_argument("--atol", type=float, default=1e-5, help="max allowed |logp_engine - logp_actor|")
     p.add_argument("--check-transformers", action="store_true", help="also require greedy tokens == transformers'")
+    p.add_argument("--engine-tp", type=int, default=1, help="colocated: ranks per engine (world/engine_tp engines)")
+    p.add_argument("--separate", type=int, default=0, help="N > 0: N separate SGLang servers (rank 0) behind sglang-router")
     p.add_argument("--out", default=None, help="also write the JSON line to this file")
     return p
 
@@ -107,7 +114,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_papo.config.parallel import ParallelConfig
     from megatron_papo.models.qwen2_5_vl import build_model, load_hf_into_mcore
     from megatron_papo.parallel import init_distributed, shutdown
-    from megatron_papo.rollout.weight_sync import sync_weights
 
     pg = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp, device="cpu"))
     dirs = [args.hf, None]
@@ -126,47 +132,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     processor = AutoProcessor.from_pretrained(engine_dir)
     batch = prompts(processor)
 
-    engine = None
-    if pg.rank == 0:
-        from megatron_papo.rollout.sglang_engine import SGLangEngine
+    from megatron_papo.config import load_config
+    from megatron_papo.rollout.fleet import RolloutFleet, default_engine_factory
 
-        engine = SGLangEngine(engine_dir, timeout_s=600, transport=args.transport, bucket_mb=args.bucket_mb).start()
+    placement = (["rollout.placement=separate", "rollout.mode=server", f"rollout.num_engines={args.separate}"]
+                 if args.separate else [f"rollout.engine_tp={args.engine_tp}"])
+    cfg = load_config(None, [*placement, f"rollout.transport={args.transport}", f"rollout.bucket_mb={args.bucket_mb}",
+                             "rollout.timeout_s=600", f"parallel.tp={args.tp}", f"parallel.pp={args.pp}"])
+    fleet = RolloutFleet.build(cfg, pg, engine_dir, default_engine_factory)
     try:
-        stats = sync_weights([model], engine, bucket_mb=args.bucket_mb, transport=args.transport)
-        payload: list[Any] = [None]
-        result: dict[str, Any] = {}
-        if engine is not None:
-            reqs = [(enc["input_ids"][0].tolist(), ims) for enc, ims in batch]
+        stats = fleet.sync([model])
+        reqs = [(enc["input_ids"][0].tolist(), ims) for enc, ims in batch]
+
+        def decode(engine: Any, _: list[int]) -> list[Any]:  # every engine decodes the whole batch
             res = engine.generate(reqs, sampling={"temperature": 0.0, "max_new_tokens": args.max_new_tokens})
-            payload = [([g[0].token_ids for g in res], [g[0].logprobs for g in res], engine.banned_ids, engine.eos_ids)]
-            if args.check_transformers:
-                from transformers import Qwen2_5_VLForConditionalGeneration
+            return [([g[0].token_ids for g in res], [g[0].logprobs for g in res], engine.banned_ids, engine.eos_ids)]
 
-                from megatron_papo.rollout.hf_reference import hf_greedy
+        per_engine = [r for _, r in fleet.map_blocks(list(range(fleet.num_engines)), decode, "check decode")]
+        result: dict[str, Any] = {"engines": fleet.num_engines}
+        if args.check_transformers:  # transformers holding the perturbed weights (on every rank: same answer)
+            from transformers import Qwen2_5_VLForConditionalGeneration
 
-                hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(actor_dir, dtype=torch.float32).eval()
-                ref = [hf_greedy(hf, enc, engine.banned_ids, engine.eos_ids, args.max_new_tokens) for enc, _ in batch]
-                result["greedy_equal_transformers"] = all(r[0] == t for r, t in zip(ref, payload[0][0]))
-                result["max_abs_logprob_diff_transformers"] = max(
-                    abs(a - b) for r, lps in zip(ref, payload[0][1]) for a, b in zip(r[1], lps))
-        dist.broadcast_object_list(payload, src=0)
-        responses, engine_lps, banned, _ = payload[0]
-        diff, tokens = 0.0, 0
-        for (enc, _), resp, elp in zip(batch, responses, engine_lps):
-            alp = actor_logprobs(model, pg, enc, resp, banned)
-            if alp is not None:
-                diff = max(diff, max(abs(a - b) for a, b in zip(alp, elp)))
-                tokens += len(resp)
-        t = torch.tensor([diff, float(tokens)], dtype=torch.float64)
+            from megatron_papo.rollout.hf_reference import hf_greedy
+
+            _, _, banned, eos = per_engine[0]
+            hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(actor_dir, dtype=torch.float32).eval()
+            ref = [hf_greedy(hf, enc, banned, eos, args.max_new_tokens) for enc, _ in batch]
+            result["greedy_equal_transformers_per_engine"] = [all(r[0] == t for r, t in zip(ref, toks))
+                                                              for toks, _, _, _ in per_engine]
+            result["greedy_equal_transformers"] = all(result["greedy_equal_transformers_per_engine"])
+            result["max_abs_logprob_diff_transformers_per_engine"] = [
+                max(abs(a - b) for r, elp in zip(ref, lps) for a, b in zip(r[1], elp)) for _, lps, _, _ in per_engine]
+            result["max_abs_logprob_diff_transformers"] = max(result["max_abs_logprob_diff_transformers_per_engine"])
+        diffs, tokens = [], 0
+        for responses, engine_lps, banned, _ in per_engine:
+            diff = 0.0
+            for (enc, _), resp, elp in zip(batch, responses, engine_lps):
+                alp = actor_logprobs(model, pg, enc, resp, banned)
+                if alp is not None:
+                    diff = max(diff, max(abs(a - b) for a, b in zip(alp, elp)))
+                    tokens += len(resp)
+            t = torch.tensor([diff], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            diffs.append(float(t[0]))
+        t = torch.tensor([float(tokens)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        diff, tokens = float(t[0]), int(t[1])
+        diff, tokens = max(diffs), int(t[0])
+        result["max_abs_logprob_diff_per_engine"] = diffs
     finally:
-        if engine is not None:
-            engine.shutdown()
+        fleet.shutdown()
     ok = diff <= args.atol and result.get("greedy_equal_transformers", True)
     if pg.rank == 0:
-        line = json.dumps({"max_abs_logprob_diff": diff, "tp": args.tp, "pp": args.pp, "engine": args.engine,
-                           "transport": args.transport, "tokens": tokens, "sync_seconds": round(stats["seconds"], 3),
+        line = json.dumps({"max_abs_logprob_diff": diff, "tp": args.tp, "pp": args.pp, "dp": pg.dp_size,
+                           "engine": args.engine, "separate": args.separate, "transport": args.transport, "tokens": tokens,
+                           "sync_seconds": round(stats["seconds"], 3),
                            "sync_bytes": int(stats["bytes"]), **result})
         print(line, flush=True)
         if args.out:

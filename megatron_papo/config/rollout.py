@@ -41,7 +41,14 @@ class RolloutConfig:
     timeout_s: float = field(600.0, help="timeout of any single engine call (generate, weight update, ...)")
     start_timeout_s: float = field(900.0, help="timeout of the engine start (model load)")
     seed: int = field(1, help="engine sampling seed")
-    engine_tp: int = field(1, help="tensor-parallel size of the rollout engine (its own GPUs/processes)")
+    engine_tp: int = field(1, help="tensor-parallel size of each rollout engine (its own GPUs/processes); colocated: "
+                           "one engine per engine_tp consecutive trainer ranks of a node (world_size/engine_tp engines)")
+    num_engines: int = field(0, help="placement=separate: engines started by rank 0 (engine k on GPUs engine_base_gpu + "
+                             "k*engine_tp ...); 0 = one (none if server_urls are given); colocated: must be 0 (derived)")
+    server_urls: list[str] = field(default_factory=list, help="placement=separate, mode=server: SGLang servers started "
+                                   "elsewhere (e.g. other nodes) that join the fleet; needs transport=distributed or disk")
+    router: bool = field(True, help="placement=separate, mode=server: put sglang-router in front of the servers "
+                         "(rollout requests go through it, addressed to their engine)")
     skip_frozen: bool = field(True, help="weight sync: push frozen (requires_grad=False) parameters only once")
     engine_kwargs: dict[str, Any] = field(
         default_factory=dict, help="extra keyword arguments of the engine (SGLang: ServerArgs fields such as "

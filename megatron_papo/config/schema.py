@@ -135,6 +135,12 @@ def validate(cfg: Config) -> None:
     if r.placement == "separate" and r.engine != "sglang":
         raise ConfigError(f"rollout.placement=separate is implemented for the SGLang engine only (got {r.engine})")
     check_engine_kwargs(r.engine, r.engine_kwargs)
+    if r.num_engines < 0 or (r.placement == "colocated" and r.num_engines):
+        raise ConfigError(f"rollout.num_engines={r.num_engines}: colocated fleets have one engine per rollout.engine_tp "
+                          "ranks (set 0); placement=separate takes a count >= 0")
+    if r.server_urls and (r.placement != "separate" or r.mode != "server"):
+        raise ConfigError(f"rollout.server_urls={r.server_urls} are external servers: set rollout.placement=separate "
+                          "and rollout.mode=server")
     if r.placement == "colocated" and r.engine_base_gpu >= 0:
         raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} is for placement=separate; colocated engines "
                           "use the trainer's devices")

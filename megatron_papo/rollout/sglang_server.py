@@ -7,6 +7,12 @@ endpoint. Differences forced by JSON: banned ids get a logit bias of ``-1e30`` i
 (the same zero probability after the softmax); images travel as base64 PNG data URLs. The ``tensor``
 weight transport passes shared-memory handles, so it needs the server on the same machine; use
 ``distributed`` (NCCL/gloo) or ``disk`` for a remote server.
+
+In a fleet (``rollout/fleet.py``) the servers sit behind sglang-router (``rollout/router.py``): with
+``router_url`` set, generation requests go to the router, addressed to this server with its
+``x-smg-target-worker`` header (the fleet decides which engine serves which prompts); weight updates and
+control calls go to the server itself. :class:`ExternalServerEngine` attaches to a server that someone
+else started (``rollout.server_urls``, e.g. engines on other nodes): it never starts or ends processes.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class SGLangServerEngine(SGLangEngine):
         self.host, self.port = host, port or _free_port()
         self.url = f"http://{host}:{self.port}"
         self._pending: Optional[tuple[threading.Thread, dict[str, Any]]] = None
+        #: sglang-router in front of this server (generation goes through it, addressed to this server)
+        self.router_url: Optional[str] = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> SGLangServerEngine:
@@ -132,9 +140,14 @@ class SGLangServerEngine(SGLangEngine):
             self._kill()
 
     # ------------------------------------------------------------------ host calls over HTTP
-    def _http(self, verb: str, path: str, body: Optional[dict], timeout: float) -> tuple[int, Any]:
+    def _http(self, verb: str, path: str, body: Optional[dict], timeout: float, via_router: bool = False
+              ) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=verb, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        base = self.url
+        if via_router and self.router_url:
+            base, headers["x-smg-target-worker"] = self.router_url, self.url
+        req = urllib.request.Request(base + path, data=data, method=verb, headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
             try:
@@ -155,6 +168,9 @@ class SGLangServerEngine(SGLangEngine):
                                        if "logit_bias" in sp else sp for sp in body["sampling_params"]]
             if body.get("image_data") is not None:
                 body["image_data"] = [[_data_url(im) for im in ims] if ims else None for ims in body["image_data"]]
+            sps = body["sampling_params"]
+            if self.router_url and all(sp == sps[0] for sp in sps):
+                body["sampling_params"] = sps[0]  # sglang-router takes one sampling_params object per batch
         if method == "update_serialized":
             body = {"serialized_named_tensors": body["payloads"], "load_format": body["load_format"],
                     "flush_cache": body["flush_cache"]}
@@ -192,15 +208,27 @@ class SGLangServerEngine(SGLangEngine):
         self._keepalive = flat  # the server maps the shared memory while it loads
         return {"serialized_named_tensors": payloads, "load_format": "flattened_bucket", "flush_cache": flush_cache}
 
+    def _running(self) -> bool:
+        return self._proc is not None
+
+    def _dead(self) -> Optional[list[int]]:
+        """None while the server runs; else the pids found dead (possibly empty)."""
+        dead = [p.pid for p in self._vital if not p.alive()]
+        if dead or self._proc is None or self._proc.poll() is not None:
+            return dead
+        return None
+
     def _send(self, method: str, **kwargs: Any) -> None:
-        if self._proc is None:
+        if not self._running():
             raise EngineError(f"SGLang server is not running (call start() first); cannot {method}")
         verb, path, body = self._body(method, kwargs)
         box: dict[str, Any] = {}
 
         def run() -> None:
+            # a batch with per-request sampling params (per-sample seeds) cannot pass the router: straight to the server
+            routed = method == "generate" and isinstance(body["sampling_params"], dict)
             try:
-                box["result"] = self._http(verb, path, body, self.timeout_s + 5)
+                box["result"] = self._http(verb, path, body, self.timeout_s + 5, via_router=routed)
             except urllib.error.HTTPError as e:
                 box["error"] = f"HTTP {e.code}: {e.read().decode(errors='replace')[:4000]}"
             except Exception as e:  # connection refused/reset: judged by the liveness check in _recv
@@ -218,8 +246,8 @@ class SGLangServerEngine(SGLangEngine):
         deadline = time.monotonic() + timeout
         while t.is_alive():
             t.join(0.2)
-            dead = [p.pid for p in self._vital if not p.alive()]
-            if dead or self._proc is None or self._proc.poll() is not None:
+            dead = self._dead()
+            if dead is not None:
                 self._died(method, None, dead)
             if time.monotonic() > deadline:
                 self._kill()
@@ -227,6 +255,8 @@ class SGLangServerEngine(SGLangEngine):
                                          f"(rollout.timeout_s); the server was shut down")
         self._pending = None
         if "exc" in box:
+            if method == "generate" and self.router_url and self._dead() is None:
+                raise EngineError(f"sglang-router at {self.router_url} failed to serve {self.url}: {box['exc']!r}")
             self._died(method, box["exc"])
         if "error" in box:
             raise EngineError(f"SGLang server {method} failed: {box['error']}")
@@ -249,3 +279,80 @@ class SGLangServerEngine(SGLangEngine):
             return {"ok": True, "pids": self.pids(), "host_pid": self._proc.pid}
         except EngineError as e:
             return {"ok": False, "pids": self.pids(), "host_pid": None, "error": str(e)}
+
+
+class ExternalServerEngine(SGLangServerEngine):
+    """An SGLang server started by someone else (``rollout.server_urls``: e.g. a fleet's engines on other nodes).
+
+    Same calls as :class:`SGLangServerEngine`; it starts and ends no process. The server counts as dead when it
+    stops answering (connection refused/reset) -- the error names its URL. Weight updates must use
+    ``rollout.transport=distributed`` or ``disk`` (shared memory does not cross machines).
+    """
+
+    external = True
+
+    def __init__(self, model_path: str, *, url: str, **kwargs: Any) -> None:
+        from urllib.parse import urlparse
+
+        u = urlparse(url if "://" in url else f"http://{url}")
+        super().__init__(model_path, host=u.hostname or "127.0.0.1", port=u.port or 80, **kwargs)
+        self._attached = False
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: str, **kwargs: Any) -> ExternalServerEngine:  # type: ignore[override]
+        """Attach to ``kwargs["url"]`` with the rollout section's timeouts, transport and TP size."""
+        extra = dict(getattr(cfg, "engine_kwargs", None) or {})
+        return cls(model_path, tp_size=getattr(cfg, "engine_tp", 1), timeout_s=cfg.timeout_s,
+                   start_timeout_s=getattr(cfg, "start_timeout_s", 900.0), seed=cfg.seed, transport=cfg.transport,
+                   bucket_mb=cfg.bucket_mb, engine_kwargs=extra, **kwargs)
+
+    def start(self) -> ExternalServerEngine:
+        """Wait until the server answers ``/health_generate`` (``start_timeout_s``)."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                if self._http("GET", "/health_generate", None, 30)[0] == 200:
+                    break
+            except (urllib.error.URLError, OSError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise EngineTimeoutError(f"external SGLang server {self.url} did not answer within {self.start_timeout_s:.0f}s")
+            time.sleep(1.0)
+        self._attached = True
+        return self
+
+    def _running(self) -> bool:
+        return self._attached
+
+    def _dead(self) -> Optional[list[int]]:
+        return None if self._attached else []
+
+    def _kill(self) -> None:
+        self._attached = False
+        self._conn = None
+
+    def shutdown(self) -> None:
+        """Detach (the server belongs to whoever started it)."""
+        self._kill()
+
+    def pids(self) -> list[int]:
+        return []
+
+    @property
+    def host_pid(self) -> Optional[int]:
+        return None
+
+    def _died(self, method: str, err: Optional[BaseException], dead: Any = ()) -> None:
+        self._kill()
+        from megatron_papo.rollout.base import EngineDiedError
+
+        raise EngineDiedError(f"external SGLang server {self.url} stopped answering during {method}"
+                              f"{': ' + repr(err) if err else ''}")
+
+    def health(self, timeout: float = 30.0) -> dict[str, Any]:
+        """``{"ok", "pids": [], "host_pid": None}``."""
+        try:
+            self._call("ping", timeout)
+            return {"ok": True, "pids": [], "host_pid": None}
+        except EngineError as e:
+            return {"ok": False, "pids": [], "host_pid": None, "error": str(e)}

@@ -9,7 +9,8 @@
 * **map**: ``hf_adapter.shards_to_hf`` turns each parameter's shards into full HF checkpoint-named
   tensors (QKV de-interleave, GLU split, row/column concat). No mapping lives here.
 * **pp**: a bucket owned by a later stage is packed and broadcast over the PP group, so the pushing
-  rank (global rank 0, stage 0) receives it.
+  ranks on stage 0 receive it; with ``all_stages`` (colocated engine owners on every stage) every bucket is
+  broadcast, so every rank holds every bucket.
 * **push**: rank 0 hands each bucket to ``engine.update_weights`` while the next one is produced on
   demand; memory is one gathered bucket plus the one the engine is loading.
 
@@ -160,9 +161,12 @@ def _broadcast_bucket(bucket: SyncBucket, pairs: Optional[list[Pair]], pp_group:
 
 
 def iter_hf_buckets(model_chunks: Any, bucket_bytes: int = 512 << 20, *, state: Optional[SyncState] = None,
-                    stats: Optional[dict[str, float]] = None) -> Iterator[list[Pair]]:
+                    stats: Optional[dict[str, float]] = None, all_stages: bool = False) -> Iterator[list[Pair]]:
     """Yield, bucket by bucket, the full HF checkpoint-named tensors of the whole model on the ranks of
-    PP stage 0 (later stages yield nothing). Collective: every rank must exhaust the iterator."""
+    PP stage 0 (later stages yield nothing). Collective: every rank must exhaust the iterator.
+
+    ``all_stages``: every rank of every stage yields every bucket (a stage's own buckets are broadcast over the
+    PP group too) -- for colocated engine owners on later pipeline stages (``rollout.fleet``)."""
     chunk = _unwrap(model_chunks[0] if isinstance(model_chunks, (list, tuple)) else model_chunks)
     tp_group, pp_group = _groups(chunk)
     tp, _ = _size_rank(tp_group)
@@ -177,9 +181,9 @@ def iter_hf_buckets(model_chunks: Any, bucket_bytes: int = 512 << 20, *, state: 
         stats["skipped_params"] = total - len(specs)
     for bucket in plan_buckets(specs, first.dtype, bucket_bytes):
         pairs = _gather_bucket(bucket, local, tp_group, tp) if bucket.stage == pp_rank else None
-        if pp > 1 and bucket.stage != 0:  # every PP rank takes part in the broadcast
+        if pp > 1 and (bucket.stage != 0 or all_stages):  # every PP rank takes part in the broadcast
             pairs = _broadcast_bucket(bucket, pairs, pp_group, first.device)
-        if pp_rank == 0:
+        if pp_rank == 0 or all_stages:
             if stats is not None:
                 stats["bytes"] = stats.get("bytes", 0) + bucket.nbytes
                 stats["buckets"] = stats.get("buckets", 0) + 1

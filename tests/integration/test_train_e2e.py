@@ -70,17 +70,44 @@ def test_short_run_metrics_tensorboard_and_engine_gap(tmp_path):
     assert (run / "checkpoints" / "latest").read_text() == "step_000003"
 
 
+FLEET_STEPS = ["total_steps=2", "checkpoint.save_every=0", "eval_at_end=false"]
+
+
+def _check_every_engine(name: str, rows: list[dict]) -> None:
+    assert [r["step"] for r in rows] == [1, 2], name
+    for r in rows:  # every engine, every step (step 2 generates with the synced weights)
+        gaps = [r[f"rollout/logprob_gap/engine{k}"] for k in (0, 1)]
+        assert max(gaps) <= 1e-4 and r["rollout/logprob_gap"] == max(gaps), (name, r["step"], gaps)
+    assert rows[1]["kl/ref"] > 0, name  # the actor moved, and both engines' log-probs moved with it
+
+
+@pytest.fixture(scope="module")
+def dp2_fleet_run(tmp_path_factory):
+    """The reference layout: 2 processes at DP=2, 2 colocated engines."""
+    rows = _train(tmp_path_factory.mktemp("dp2") / "run", nproc=2, extra=FLEET_STEPS)
+    _check_every_engine("dp2", rows)
+    return rows
+
+
 @pytest.mark.distributed
-def test_tp2_pp2_token_budget_and_packing_first_step_equal_single_process(tmp_path):
-    extra = ["total_steps=1", "checkpoint.save_every=0", "eval_at_end=false"]
-    ref = _train(tmp_path / "tp1", extra=extra)[0]
-    for name, nproc, layout in (("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.pp=2", "optim.micro_batch_size=32"]),
-                                # token-budget micro-batches of packed rows, at TP=2 (unpacked budgets: test_actor_batches)
-                                ("packed_tp2", 2, ["parallel.tp=2", "optim.micro_batch_tokens=1000",
-                                                   "optim.pack_sequences=true"])):
-        got = _train(tmp_path / name, nproc=nproc, extra=extra + layout)[0]
-        for k in LAYOUT_FREE:
-            assert abs(got[k] - ref[k]) <= 1e-4 * max(1.0, abs(ref[k])), (name, k, got[k], ref[k])
+@pytest.mark.parametrize("name,nproc,layout", [
+    ("tp2", 2, ["parallel.tp=2"]),
+    ("pp2", 2, ["parallel.pp=2", "optim.micro_batch_size=32"]),
+    # token-budget micro-batches of packed rows, at TP=2 (unpacked budgets: test_actor_batches)
+    ("packed_tp2", 2, ["parallel.tp=2", "optim.micro_batch_tokens=1000", "optim.pack_sequences=true"]),
+    # 2 separate sglang.launch_server engines (sglang-router in front) fed through ONE weight-update group
+    ("servers", 1, ["rollout.placement=separate", "rollout.mode=server", "rollout.transport=distributed",
+                    "rollout.num_engines=2"]),
+])
+def test_two_engine_fleet_layouts_serve_new_weights_and_match_dp2_first_step(tmp_path, dp2_fleet_run, name, nproc, layout):
+    """2-step runs, each with a 2-engine rollout fleet. Every engine's log-probs equal the trainer's after every sync;
+    the fleets split the prompts alike and seed engine k alike, so the rollouts and with them the first-step metrics
+    equal those of the DP=2 colocated reference."""
+    rows = _train(tmp_path / name, nproc=nproc, extra=FLEET_STEPS + layout)
+    _check_every_engine(name, rows)
+    ref = dp2_fleet_run[0]
+    for k in LAYOUT_FREE:
+        assert abs(rows[0][k] - ref[k]) <= 1e-4 * max(1.0, abs(ref[k])), (name, k, rows[0][k], ref[k])
 
 
 def test_rollout_only_then_train_from_saved_rollouts(tmp_path):
@@ -102,18 +129,6 @@ def test_bad_layout_exits_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatron-papo:")]
     assert len(lines) == 1 and "tp(2)*pp(1)*cp(1)=2 does not divide world_size 1" in lines[0], proc.stderr[-2000:]
-
-
-def test_separate_engine_placement_over_a_weight_group(tmp_path):
-    """placement=separate: the engine is its own SGLang server process and every sync goes through a gloo group
-    with its scheduler (update_weights_from_distributed); the engine must serve the new weights each step."""
-    rows = _train(tmp_path / "sep", extra=["total_steps=2", "checkpoint.save_every=0", "eval_at_end=false",
-                                           "rollout.placement=separate", "rollout.mode=server",
-                                           "rollout.transport=distributed"])
-    steps = [r for r in rows if "reward/mean" in r]
-    assert [r["step"] for r in steps] == [1, 2]
-    assert all(r["rollout/logprob_gap"] <= 1e-4 for r in steps), [r["rollout/logprob_gap"] for r in steps]
-    assert steps[1]["kl/ref"] > 0  # the actor moved, and the engine's log-probs moved with it
 
 
 def _hf_tensors(run_dir: Path, out: Path) -> dict:

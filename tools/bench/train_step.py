@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_dir = prepare_model_dir(cfg, groups.rank) if engine is None else str(root / args.variants[0] / "tiny_model")
         if engine is None:
             engine = make_engine(cfg.rollout, hf_dir).start()
-        trainers[name] = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d, e=engine: e)
+        trainers[name] = Trainer(cfg, groups, hf_dir, engine_factory=lambda c, d, slot, e=engine: e)
     # round robin over the variants, step by step, so machine drift and warm-up hit every variant alike; the engine
     # is shared, so each variant first pushes its own weights (untimed) and then runs a full, timed step
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = rows[name][args.warmup:]
         keys = sorted(k for k in measured[0] if k.startswith("timing/"))
         out[name] = {k: statistics.median(r[k] for r in measured) for k in keys}
-        trainer.engine = None  # shared: shut down once at the end
+        trainer.fleet.engines = {}  # shared: shut down once at the end
     if engine is not None:
         engine.shutdown()
     base_t = out.get("grpo", {}).get("timing/step")
