@@ -441,8 +441,11 @@ class Trainer:
         return res
 
     def close(self) -> None:
-        """Shut the fleet's engines down (idempotent)."""
+        """Shut the fleet's engines and the reward workers down (idempotent)."""
         self.fleet.shutdown()
+        close = getattr(self.reward_fn, "close", None)
+        if close is not None:
+            close()
 
 
 def _summary(step: int, total: int, m: dict[str, float]) -> str:
