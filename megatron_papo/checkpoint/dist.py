@@ -11,6 +11,14 @@ the one function that describes a checkpoint) and renames the directory; only th
 atomically (write + os.replace). A crash at any point leaves ``latest`` pointing at the previous complete
 checkpoint; stale ``.tmp_*`` directories of interrupted saves are removed by :func:`clean_stale`.
 
+With ``async_saves`` (an :class:`AsyncSaves`, ``checkpoint.async_save``) the tensor files are written by
+megatron-core's async save (``async_sharded_save=True``, scheduled on its ``AsyncCallsQueue``): the planning, the
+non-finite check, ``common.pt``, the RNG states and the trainer state are written before :func:`save_checkpoint`
+returns; the shards are written by a forked writer while training goes on. When every rank's writer is done
+(:meth:`AsyncSaves.poll`, once per step, or :meth:`AsyncSaves.wait`), mcore's finalisation writes the metadata,
+then the same :func:`_publish` as the synchronous path writes the manifest, renames the directory and moves
+``latest``. At most one save is in flight; a process killed before that leaves the previous ``latest``.
+
 On resume :func:`find_resumable` checks ``latest``'s checkpoint against its manifest and, when it fails (a
 truncated or missing file, a changed CRC, an unreadable trainer state), warns with the path and the reason and
 falls back to the newest checkpoint that passes. Pruning (``keep_last``) keeps the newest ``keep_last``
@@ -23,6 +31,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +46,10 @@ log = get_logger("checkpoint")
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 SMALL_FILE = 64 << 20  # files up to this size always get a CRC32 in the manifest
+# The distributed optimizer's state layout (Megatron-LM's default): each DP rank writes its own shard, no gather,
+# reloadable at any DP size with the same TP/PP. mcore 0.16.1's own default (fully_sharded_model_space) needs
+# ShardedTensor.flattened_range, which the same release rejects, so without this a distopt save fails.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def step_dir_name(step: int) -> str:
@@ -210,15 +223,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch.nn.Module], optimizer: Any = None,
-                    trainer_state: Optional[dict[str, Any]] = None, keep_last: int = 0,
-                    verify: str = "size") -> Optional[Path]:
+                    trainer_state: Optional[dict[str, Any]] = None, keep_last: int = 0, verify: str = "size",
+                    async_saves: Optional["AsyncSaves"] = None) -> Optional[Path]:
     """Collective: save model (+ optimizer) shards, per-rank RNG states and ``trainer_state`` atomically, with a
     manifest written before ``latest`` moves. Returns the checkpoint dir, or None (nothing written, error
-    logged) when a weight is not finite."""
+    logged) when a weight is not finite.
+
+    With ``async_saves`` the shards are written in the background (megatron-core async save) and the directory
+    is published (manifest, rename, ``latest``, pruning) once every rank's writes are done: the returned path
+    exists only after :meth:`AsyncSaves.poll` / :meth:`AsyncSaves.wait` reports it. A save still in flight is
+    finished first (at most one at a time)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if async_saves is not None:
+        async_saves.wait()
     if not weights_finite(model_chunks):
         log.error("NOT saving step %d: the model holds non-finite weights; 'latest' still names the last good "
                   "checkpoint", step)
@@ -233,23 +253,101 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch
     _barrier()
     sd = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd)
-    dist_checkpointing.save(sd, str(tmp))
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, metadata=OPTIM_METADATA)
+    request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=async_saves is not None)
     with open(tmp / f"rng_rank{rank}.pkl", "wb") as f:
         pickle.dump(_rng_state(), f)
     _barrier()
     if rank == 0:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **(trainer_state or {})}, indent=1))
-        write_manifest(tmp, step, verify=verify)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_marker(root, final)
-        if keep_last > 0:
-            _prune(root, keep_last)
-        log.info("saved checkpoint %s", final)
-    _barrier()
+
+    def publish() -> None:
+        if rank == 0:
+            _publish(root, tmp, final, step, keep_last, verify)
+        _barrier()
+
+    if async_saves is None:
+        publish()
+    else:
+        async_saves.schedule(request, step, final, publish)
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, keep_last: int, verify: str) -> None:
+    """Rank 0, once every rank's files are written: manifest, rename, ``latest``, pruning."""
+    write_manifest(tmp, step, verify=verify)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_marker(root, final)
+    if keep_last > 0:
+        _prune(root, keep_last)
+    log.info("saved checkpoint %s", final)
+
+
+class AsyncSaves:
+    """megatron-core's ``AsyncCallsQueue`` for :func:`save_checkpoint` (``checkpoint.async_save``).
+
+    Writers are forked per save (mcore's ``TemporalAsyncCaller``): a forked writer sees the host memory of the
+    moment it was forked, so on CPU the parameters need no copy, and on GPU mcore copies them to the host first.
+    :meth:`poll` (every rank, same point of the loop; one all-reduce) publishes a save whose writes are done on
+    every rank; :meth:`wait` blocks until then. :meth:`abandon` (error paths, no collectives) only waits for the
+    local writer: that save is never published, ``latest`` stays where it was."""
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+        self.pending: Optional[tuple[int, Path]] = None  # (step, final dir) of the save in flight
+        self.scheduled_at = 0.0
+
+    def schedule(self, request: Any, step: int, final: Path, publish: Any) -> None:
+        """Collective: start the writers of ``request`` (from ``dist_checkpointing.save(async_sharded_save=True)``)
+        and publish with ``publish()`` on every rank once all have finished."""
+        if self.pending is not None:
+            raise RuntimeError(f"async save of step {self.pending[0]} still in flight; wait() first")
+        request.add_finalize_fn(publish)
+        self.scheduled_at = time.perf_counter()
+        self._queue.schedule_async_request(request)
+        self.pending = (step, final)
+
+    def _finalize(self, blocking: bool) -> Optional[Path]:
+        if self.pending is None:
+            return None
+        step, final = self.pending
+        try:
+            done = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # mcore raises CheckpointException (a BaseException) on every rank
+            self.pending = None
+            raise CheckpointError(f"async save of step {step} to {final} failed: {cause_line(e)}; 'latest' still "
+                                  "names the previous checkpoint") from e
+        if not done:
+            return None
+        self.pending = None
+        log.info("async save of step %d published %.2f s after it was scheduled", step,
+                 time.perf_counter() - self.scheduled_at)
+        return final
+
+    def poll(self) -> Optional[Path]:
+        """Collective, non-blocking: publish the save in flight if every rank's writes are done; returns its dir."""
+        return self._finalize(blocking=False)
+
+    def wait(self) -> Optional[Path]:
+        """Collective: wait for the save in flight (if any) and publish it; returns its dir."""
+        return self._finalize(blocking=True)
+
+    def abandon(self) -> None:
+        """Local (no collectives): wait for this rank's writer and drop the save unpublished."""
+        if self.pending is None:
+            return
+        for call in list(self._queue.async_calls):
+            call.async_caller.close()
+        self._queue.async_calls.clear()
+        log.warning("async save of step %d was not published (the run stopped first); 'latest' still names the "
+                    "previous checkpoint", self.pending[0])
+        self.pending = None
 
 
 def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module], optimizer: Any = None,
@@ -260,7 +358,9 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module]
     path = Path(path)
     sd = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True)
+        torch_adam = _distopt_torch_adam(optimizer)
+        _init_torch_adam_state(torch_adam)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=OPTIM_METADATA)
     try:
         loaded = dist_checkpointing.load(sd, str(path))
     except (KeyboardInterrupt, SystemExit):
@@ -273,13 +373,55 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: list[torch.nn.Module]
         for i, m in enumerate(model_chunks):
             _unwrap(m).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 distopt: the main params are views of the model params (leaves needing grad)
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_step(torch_adam)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = path / f"rng_rank{rank}.pkl"
     if load_rng and rng_file.is_file():
         with open(rng_file, "rb") as f:
             _set_rng_state(pickle.load(f))
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _distopt_torch_adam(optimizer: Any) -> list[Any]:
+    """The distributed optimizers in ``optimizer`` that step with torch's own Adam/AdamW (no TE/Apex: CPU runs)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in subs if isinstance(o, DistributedOptimizer)
+            and type(getattr(o, "optimizer", None)) in (torch.optim.Adam, torch.optim.AdamW)]
+
+
+def _init_torch_adam_state(optimizers: list[Any]) -> None:
+    """Give a fresh torch Adam inside mcore's distributed optimizer the state tensors a step would create.
+
+    megatron-core 0.16.1 builds the distopt load state dict from ``state_dict()``, which for torch Adam reads the
+    per-parameter ``step`` and fails (``assert len(steps) == 1``) before the first step; the values are
+    overwritten by the load."""
+    for o in optimizers:
+        inner = o.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.data),
+                                      "exp_avg_sq": torch.zeros_like(p.data)}
+
+
+def _restore_torch_adam_step(optimizers: list[Any]) -> None:
+    """Set torch Adam's per-parameter ``step`` to the loaded one (kept in the param groups).
+
+    megatron-core 0.16.1's dp_reshardable load copies the optimizer's pre-load ``step`` back over the loaded
+    value (it is a ``LocalNonpersistentObject`` there), so without this a resumed run's bias correction would
+    restart from the step the fresh optimizer had."""
+    for o in optimizers:
+        inner = o.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
 def cause_line(e: BaseException) -> str:
