@@ -373,7 +373,7 @@ class Trainer:
                 dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=g.dp_group)
                 vals = vals.cpu()
             out = {"rollout/logprob_gap": float(vals[:-1].max())}
-            out.update({f"rollout/logprob_gap/engine{k}": float(vals[k]) for k in range(n_eng)})
+            out.update({f"rollout/engine{k}/logprob_gap": float(vals[k]) for k in range(n_eng)})
             if ref is not None and step == 1:
                 out["check/actor_ref_gap"] = float(vals[-1])
         if g.pp_size > 1:
