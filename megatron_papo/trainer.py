@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,7 +71,6 @@ class Ahead:
     step: int
     groups: list[Group]
     loader_before: dict[str, Any]
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
