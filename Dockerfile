@@ -57,13 +57,16 @@ COPY launch/docker/engine_requirements.py /opt/engine_requirements.py
 
 FROM base AS engine-sglang
 ARG SGLANG_VERSION=0.5.23
+# the router of server fleets (rollout.mode=server, rollout/router.py)
+ARG SGLANG_ROUTER_VERSION=0.3.2
 RUN pip install --no-deps "sglang==${SGLANG_VERSION}" \
  && python /opt/engine_requirements.py --torch-pinned sglang > /tmp/torch-pinned.txt \
  && if [ -s /tmp/torch-pinned.txt ]; then pip install --no-deps -r /tmp/torch-pinned.txt; fi \
  && python /opt/engine_requirements.py sglang > /tmp/engine-requirements.txt \
  && pip install -c /etc/pip-constraints.txt -r /tmp/engine-requirements.txt \
  && rm /tmp/torch-pinned.txt /tmp/engine-requirements.txt \
- && python -c "import sglang"
+ && pip install -c /etc/pip-constraints.txt "sglang-router==${SGLANG_ROUTER_VERSION}" \
+ && python -c "import sglang, sglang_router"
 
 # the optional vLLM engine (rollout.engine=vllm): docker build --build-arg ROLLOUT_ENGINE=vllm .
 FROM base AS engine-vllm
@@ -78,6 +81,13 @@ RUN pip install --no-deps "vllm==${VLLM_VERSION}" \
 
 # hadolint ignore=DL3006
 FROM engine-${ROLLOUT_ENGINE} AS final
+
+# trackers (logging.backends=wandb,mlflow) and run reports (megatron-papo report): setup.py extras trackers, report
+ARG WANDB_VERSION=0.31.0
+ARG MLFLOW_SKINNY_VERSION=3.17.2
+ARG MATPLOTLIB_VERSION=3.11.2
+RUN pip install --no-cache-dir -c /etc/pip-constraints.txt "wandb==${WANDB_VERSION}" "mlflow-skinny==${MLFLOW_SKINNY_VERSION}" \
+        "matplotlib==${MATPLOTLIB_VERSION}"
 
 # the project (its own dependencies are all satisfied above; --no-deps keeps the torch stack untouched)
 WORKDIR /opt/megatron_papo

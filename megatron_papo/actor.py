@@ -7,7 +7,8 @@ metrics are reduced there and sent to global rank 0 for logging.
 
 Micro-batch dicts (built by ``make_micro_batches``) hold ``input_ids, attention_mask, labels``
 (``-100`` outside the response), ``pixel_values(_aug), image_grid_thw``, per-row ``advantages`` and the
-per-token tensors of earlier phases (``old_logprob``, ``ref_logprob``, ``aug_logprob``), all ``[B, S]``.
+per-token tensors of earlier phases (``old_logprob``, ``ref_logprob``, ``aug_logprob``; the engine's
+``rollout_logprob`` when a rollout correction is on), all ``[B, S]``.
 With sequence packing they also hold ``packed``: the rows the model runs on (``segment_ids`` marking the
 samples); the kernel's per-token outputs are moved back to the ``[B, S]`` layout before the loss.
 """
@@ -28,7 +29,7 @@ from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_optimizer, forward_backward, guarded_step, wrap_ddp
 from megatron_papo.utils.device import to_device, to_host
 
-PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "aug_logprob")
+PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "aug_logprob", "rollout_logprob")
 
 
 @dataclass
@@ -355,7 +356,8 @@ class PolicyModel:
                 aug_lp, aug_ent, kl = mb.get("aug_logprob"), None, None
             inputs = LossInputs(
                 logprob=st.logprob, old_logprob=mb["old_logprob"], advantages=mb["advantages"], response_mask=mask,
-                ref_logprob=mb.get("ref_logprob"), aug_logprob=aug_lp, entropy=st.entropy, aug_entropy=aug_ent, kl_exact=kl)
+                ref_logprob=mb.get("ref_logprob"), aug_logprob=aug_lp, entropy=st.entropy, aug_entropy=aug_ent, kl_exact=kl,
+                rollout_logprob=mb.get("rollout_logprob"))
             loss, metrics = papo_loss(inputs, spec, global_tokens=global_tokens, global_seqs=global_seqs,
                                       num_microbatches=n_global)
             # mcore divides by the number of micro-batches and DDP averages over DP; papo_loss already gives this

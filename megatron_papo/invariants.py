@@ -17,6 +17,7 @@ FP8 (e4m3) GEMMs. The GPU suite (``tests/gpu/``) prints the measured gaps so a r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,8 +59,11 @@ class InvariantChecker:
                                  "expected equal: both start from the same weights)")
 
     def ppo_ratio(self, step: int, epoch: int, mini_batch: int, ppo_kl: Optional[float]) -> None:
-        """The first mini-batch of the first PPO epoch: mean old - new log-prob (``ppo_kl``) is ~0."""
-        if not self.enabled or epoch != 0 or mini_batch != 0 or ppo_kl is None:
+        """The first mini-batch of the first PPO epoch: mean old - new log-prob (``ppo_kl``) is ~0.
+
+        A non-finite ``ppo_kl`` is a diverged forward, not stale old log-probs: its gradients are non-finite too,
+        and the non-finite guard (``nonfinite.py``) skips and counts the step instead of stopping the run here."""
+        if not self.enabled or epoch != 0 or mini_batch != 0 or ppo_kl is None or not math.isfinite(ppo_kl):
             return
         if not abs(ppo_kl) <= self.mean_tol:
             raise InvariantError(f"step {step}: PPO ratio != 1 on the first mini-batch (ppo_kl={ppo_kl:.3g}, "

@@ -92,6 +92,19 @@ def assemble_group(sample: PromptSample, scored: Scored, *, engine: int, step: i
                  texts=texts, rewards=rewards, engine=engine)
 
 
+def engine_logprobs_BS(groups: list[Group], prompt_lens: Any, shape: Any, rows: Optional[list[int]] = None) -> torch.Tensor:
+    """The engines' log-probs of the sampled response tokens in the trainer's per-token layout ``[B, S]`` (host,
+    float32): row r's i-th response token, at position ``p_r + i`` of its sequence, is predicted at position
+    ``p_r - 1 + i`` (where ``old_logprob`` holds it); zeros elsewhere and on rows not in ``rows`` (None = all)."""
+    out = torch.zeros(tuple(shape), dtype=torch.float32)
+    per_row = [lp for gr in groups for lp in gr.engine_logprobs]
+    for r in range(len(per_row)) if rows is None else rows:
+        lp = torch.tensor(per_row[r], dtype=torch.float32)
+        p = int(prompt_lens[r])
+        out[r, p - 1:p - 1 + lp.numel()] = lp
+    return out
+
+
 def rollout_metrics(groups: list[Group], max_new_tokens: int) -> dict[str, float]:
     """Reward, accuracy, format and length statistics of a batch of groups."""
     rewards = [r for g in groups for r in g.rewards]

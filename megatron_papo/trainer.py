@@ -6,12 +6,17 @@ release their memory while the actor trains, and the reference can live in host 
 or engines with devices of their own (``separate``: weights travel through one process group or disk). The
 fleet returns the same groups, in the same order, on every rank; each rank takes its data-parallel share of
 rows and runs the actor/reference through mcore's schedule (TP/PP/DP). Global rank 0 owns the metric sinks.
+
+With ``rollout.async_steps=1`` (separate engines) step k trains on groups generated during step k-1 while the
+fleet generates step k+1's (``rollout/async_rollout.py``); they are collected and the weights synced at the end of
+the step, and a checkpoint keeps them (with the data position from before they were drawn).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,9 +37,10 @@ from megatron_papo.parallel import ParallelGroups
 from megatron_papo.parallel.training import OptimSettings, build_lr_scheduler, current_lr
 from megatron_papo.preemption import Preemption
 from megatron_papo.rewards import build_reward_fn
+from megatron_papo.rollout.async_rollout import AsyncRollout, groups_from_state, groups_state
 from megatron_papo.rollout.fleet import RolloutFleet
 from megatron_papo.rollout.weight_sync import SyncState
-from megatron_papo.rollout_phase import Group, rollout_metrics
+from megatron_papo.rollout_phase import Group, engine_logprobs_BS, rollout_metrics
 from megatron_papo.utils.logging import get_logger, progress
 from megatron_papo.utils.metrics import MetricsWriter
 
@@ -55,6 +61,16 @@ def engine_banned_ids(hf_dir: str, tokenizer: Any) -> list[int]:
         gen_eos = None
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
     return banned_token_ids(tokenizer, vocab, allowed=eos_token_ids(tokenizer, gen_eos))
+
+
+@dataclass
+class Ahead:
+    """Groups generated one step ahead (``rollout.async_steps=1``) for ``step``, and the data-loader position from
+    before their prompts were drawn (what a checkpoint saves, so that a resume draws them again)."""
+
+    step: int
+    groups: list[Group]
+    loader_before: dict[str, Any]
 
 
 class Trainer:
@@ -93,6 +109,8 @@ class Trainer:
         self.invariants = InvariantChecker.for_dtype(cfg.check_invariants, self._dtype(), fp8=cfg.model.fp8 is not None,
                                                      override=cfg.check_invariants_tol)
         self.fleet = RolloutFleet.build(cfg, groups, hf_dir, engine_factory)  # engines start on their owners
+        self.async_rollout = AsyncRollout(self.fleet) if cfg.rollout.async_steps else None
+        self._ahead: Optional[Ahead] = None  # async: the next step's groups (collected, or restored from a checkpoint)
         self._sync_state = SyncState() if cfg.rollout.skip_frozen else None
         self.step = 0
         self.skipped_updates = 0
@@ -140,11 +158,25 @@ class Trainer:
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.skip_guard.consecutive = int(state.get("skipped_consecutive", 0))
         self.loader.load_state_dict(state["loader"])
+        if "async_rollouts" in state and self.async_rollout is not None:
+            self._ahead = self._restore_ahead(state)
         if "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.validator.load_state_dict(state.get("eval", {}))
         log.info("resumed from %s (step %d)", path, self.step)
         return self.step
+
+    def _restore_ahead(self, state: dict[str, Any]) -> Ahead:
+        """The groups a checkpoint kept for the next step: their prompts drawn again from the saved (pre-draw) loader
+        position, their engine outputs and rewards from the checkpoint, their masked views from the same seeds.
+        (Without ``async_steps`` the saved position simply draws the same prompts again and generates on-policy.)"""
+        saved = state["async_rollouts"]
+        before = self.loader.state_dict()
+        samples = self.loader.next_batch()
+        groups = groups_from_state(saved["groups"], samples, step=int(saved["step"]), seed=self.cfg.seed,
+                                   data_cfg=self.cfg.data, processor=self.processor, make_aug=self.papo)
+        log.info("resumed the %d rollout groups of step %d generated one step ahead", len(groups), saved["step"])
+        return Ahead(int(saved["step"]), groups, before)
 
     def _init_from(self, ckpt: str) -> None:
         """A new run from a dist-checkpoint's weights: actor and reference (the initial policy) both load it."""
@@ -172,6 +204,9 @@ class Trainer:
         state = {"loader": self.loader.state_dict(), "skipped_updates": self.skipped_updates,
                  "skipped_consecutive": self.skip_guard.consecutive,
                  "lr_scheduler": self.lr_scheduler.state_dict(), "eval": self.validator.state_dict()}
+        if self._ahead is not None:  # async: the next step's rollouts, and the data position from before their draw
+            state["loader"] = self._ahead.loader_before
+            state["async_rollouts"] = {"step": self._ahead.step, "groups": groups_state(self._ahead.groups)}
         ck = self.cfg.checkpoint
         if save_checkpoint(self.ckpt_root, self.step, self.actor.chunks, self.actor.optimizer, trainer_state=state,
                            keep_last=ck.keep_last, verify=ck.verify) is not None:
@@ -205,12 +240,39 @@ class Trainer:
                                         "record them first with mode=rollout_only (same rollouts_dir)")
             self.loader.next_batch()  # keep the data position in step with the recorded run
             return torch.load(path, weights_only=False), {}
+        if self.async_rollout is not None:
+            return self._rollout_ahead(step)
         groups, extra = self._generate(step)
         if cfg.mode == "rollout_only" and self.is_rank0:
             path = self._rollouts_path(step)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(groups, path)
         return groups, extra
+
+    def _rollout_ahead(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        """Async: this step's groups (generated during the previous step, or now when there are none, as at the
+        first step), then the next step's prompts drawn and submitted to the fleet (collected in :meth:`train_step`
+        after the update)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.step == step:
+            groups, extra = ahead.groups, {"rollout/staleness": 1.0}
+        else:
+            groups, extra = self._generate(step)
+            extra["rollout/staleness"] = 0.0
+        if step < self.cfg.total_steps:
+            before = self.loader.state_dict()
+            self.async_rollout.submit(step + 1, self.loader.next_batch(), n=self.cfg.rollout.n, sampling=self._sampling(),
+                                      seed=self.cfg.seed, tokenizer=self.tokenizer, reward_fn=self.reward_fn)
+            self._ahead = Ahead(step + 1, [], before)  # its groups arrive in _collect_ahead
+        return groups, extra
+
+    def _collect_ahead(self) -> dict[str, float]:
+        """Async, at the step boundary: wait for the next step's rollouts and gather them (collective)."""
+        if self.async_rollout is None or self.async_rollout.pending is None:
+            return {}
+        groups, stats = self.async_rollout.collect(data_cfg=self.cfg.data, processor=self.processor, make_aug=self.papo)
+        self._ahead.groups = groups
+        return stats
 
     def _generate(self, step: int) -> tuple[list[Group], dict[str, float]]:
         cfg = self.cfg
@@ -289,7 +351,10 @@ class Trainer:
             if self._offload_ref:
                 self.ref.move_to(torch.device("cpu"))
             timing["ref_logprob"] = time.perf_counter() - t
-        metrics.update(self._logprob_checks(step, groups, batch, per_token, my_rows))
+        stale = extra.get("rollout/staleness", 0.0) > 0
+        metrics.update(self._logprob_checks(step, groups, batch, per_token, my_rows, stale=stale))
+        if cfg.algo.rollout_correction != "none":  # the engines' log-probs of the sampled tokens, old_logprob's layout
+            per_token["rollout_logprob"] = engine_logprobs_BS(groups, batch.prompt_lens, batch.input_ids.shape)
 
         # ---- update: mini-batches of whole groups
         t = time.perf_counter()
@@ -323,6 +388,12 @@ class Trainer:
                 for k, v in out.items():
                     upd[k] = upd.get(k, 0.0) + v / (n_mini * cfg.optim.ppo_epochs)
         timing["update"] = time.perf_counter() - t
+        if self.async_rollout is not None:  # the next step's rollouts: wait (what training did not hide) and gather
+            t = time.perf_counter()
+            stats = self._collect_ahead()
+            stats.pop("timing/rollout_wait", None)
+            timing["rollout_wait"] = time.perf_counter() - t
+            metrics.update(stats)  # timing/generate, timing/overlap: beside the step, not part of its sum
         metrics.update(upd)
         metrics["loss/kl_prcp"] = metrics.get("loss/kl_prcp", 0.0)
         metrics.setdefault("entropy/aug", 0.0)
@@ -346,18 +417,16 @@ class Trainer:
         return gather_token_stats(model.token_stats(micro, req, temperature), micro, batch.input_ids.shape)
 
     def _logprob_checks(self, step: int, groups: list[Group], batch: Any, per_token: dict[str, Optional[torch.Tensor]],
-                        my_rows: list[int]) -> dict[str, float]:
-        """Engine-vs-trainer log-prob gap and the step-1 actor == reference invariant (last stage -> rank 0)."""
+                        my_rows: list[int], stale: bool = False) -> dict[str, float]:
+        """Engine-vs-trainer log-prob gap and the step-1 actor == reference invariant (last stage -> rank 0).
+
+        ``stale`` (async): the engines generated with the weights of one update earlier, so the gap measures that
+        staleness, not the engines' exactness: it is logged as ``rollout/logprob_gap_stale`` instead."""
         g = self.groups
         out: dict[str, float] = {}
         old = per_token.get("old_logprob")
         if old is not None:
-            eng = torch.zeros_like(old)
-            rows_lp = [lp for gr in groups for lp in gr.engine_logprobs]
-            for r in my_rows:
-                lp = torch.tensor(rows_lp[r], dtype=torch.float32)
-                p = int(batch.prompt_lens[r])
-                eng[r, p - 1:p - 1 + lp.numel()] = lp
+            eng = engine_logprobs_BS(groups, batch.prompt_lens, old.shape, rows=my_rows)
             mask = batch.label_mask.bool()
             mask[[i for i in range(mask.shape[0]) if i not in set(my_rows)]] = False
             n_eng = max(gr.engine for gr in groups) + 1  # per-engine breakdown: rows of engine k
@@ -372,8 +441,9 @@ class Trainer:
                 vals = vals.to(g.device)
                 dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=g.dp_group)
                 vals = vals.cpu()
-            out = {"rollout/logprob_gap": float(vals[:-1].max())}
-            out.update({f"rollout/logprob_gap/engine{k}": float(vals[k]) for k in range(n_eng)})
+            name = "logprob_gap_stale" if stale else "logprob_gap"
+            out = {f"rollout/{name}": float(vals[:-1].max())}
+            out.update({f"rollout/engine{k}/{name}": float(vals[k]) for k in range(n_eng)})
             if ref is not None and step == 1:
                 out["check/actor_ref_gap"] = float(vals[-1])
         if g.pp_size > 1:
@@ -442,6 +512,8 @@ class Trainer:
 
     def close(self) -> None:
         """Shut the fleet's engines and the reward workers down (idempotent)."""
+        if self.async_rollout is not None:
+            self.async_rollout.close()
         self.fleet.shutdown()
         close = getattr(self.reward_fn, "close", None)
         if close is not None:
@@ -450,7 +522,8 @@ class Trainer:
 
 def _summary(step: int, total: int, m: dict[str, float]) -> str:
     keys = [("reward/mean", "reward"), ("reward/accuracy", "acc"), ("loss/pg", "pg"), ("kl/prcp", "kl_prcp"),
-            ("kl/ref", "kl_ref"), ("entropy/ori", "H"), ("rollout/logprob_gap", "gap"), ("timing/step", "s")]
+            ("kl/ref", "kl_ref"), ("entropy/ori", "H"), ("rollout/logprob_gap", "gap"), ("rollout/logprob_gap_stale", "gap_stale"),
+            ("timing/step", "s")]
     parts = [f"{short}={m[k]:.4g}" for k, short in keys if k in m and isinstance(m[k], (int, float)) and math.isfinite(m[k])]
     return f"step {step}/{total} " + " ".join(parts)
 

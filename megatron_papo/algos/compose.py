@@ -1,7 +1,11 @@
 """The one function composing PAPO / GRPO / DAPO's loss from per-token tensors (papo_spec §2.8).
 
-    loss = agg(L_pg) + beta * agg(KL_ref) - gamma * agg(KL_prcp)
+    loss = agg(w * L_pg) + beta * agg(KL_ref) - gamma * agg(KL_prcp)
            + eta2 * discount * agg(H_aug) + eta1 * discount * agg(H_ori)
+
+``w`` is the rollout-mismatch correction (:mod:`rollout_correction`: TIS / MIS from the trainer's ``old_logprob``
+and the engine's ``rollout_logprob``; 1 when ``rollout_correction="none"``); it weights the policy-gradient term
+only.
 
 ``agg`` is the configured aggregation mode (:mod:`aggregate`), applied to every term. The
 reference code uses a plain micro-batch token mean for the two entropy terms whatever the mode;
@@ -18,7 +22,7 @@ micro-batch's **additive share** of the mini-batch value. The trainer SUMS each 
 micro-batches of a mini-batch and all-reduces with SUM over data-parallel ranks (the same
 reduction as the gradients). ``loss/*`` use the loss's aggregation mode (their sum is the
 mini-batch objective; ``loss/kl_prcp`` is -agg(KL_prcp), the reference's sign); ``kl/*``,
-``entropy/*``, ``clipfrac/*``, ``ppo_kl`` are global token means (share = sum(v m) / global_tokens).
+``entropy/*``, ``clipfrac/*``, ``ppo_kl``, ``rollout_corr/*`` are global token means (share = sum(v m) / global_tokens).
 Scheduled coefficients (gamma, discount) are not in the dict: log them from the LossSpec.
 """
 
@@ -41,6 +45,7 @@ from megatron_papo.algos.papo import (
     shape_kl_prcp,
 )
 from megatron_papo.algos.policy_loss import ppo_clip_loss
+from megatron_papo.algos.rollout_correction import LEVELS, ROLLOUT_CORRECTIONS, rollout_correction_weights
 
 
 @dataclass
@@ -55,6 +60,7 @@ class LossInputs:
     be anything, including inf/nan. From ``ops.vocab_parallel.token_stats`` with the masked view as
     its second view: ``logprob``/``entropy`` <- ``.logprob``/``.entropy``, ``aug_logprob`` <-
     ``.ref_logprob``, ``aug_entropy`` <- ``.ref_entropy``, ``kl_exact`` <- ``.kl`` (KL(original || masked)).
+    ``rollout_logprob`` is the engine's log-prob of each sampled token (a constant; needed by a rollout correction).
     """
 
     logprob: torch.Tensor
@@ -66,6 +72,7 @@ class LossInputs:
     entropy: Optional[torch.Tensor] = None
     aug_entropy: Optional[torch.Tensor] = None
     kl_exact: Optional[torch.Tensor] = None
+    rollout_logprob: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,10 @@ class LossSpec:
     entropy_discount: float = 1.0
     entropy_estimator: str = "sampled"
     aug_mode: str = "detached"
+    rollout_correction: str = "none"
+    rollout_correction_level: str = "token"
+    rollout_correction_cap: float = 2.0
+    rollout_correction_lower: float = 0.0
 
     def __post_init__(self) -> None:
         AGGREGATIONS.get(self.agg_mode)
@@ -102,6 +113,10 @@ class LossSpec:
                 raise KeyError(f"unknown {name} '{value}'; known: {', '.join(known)}")
         if not 0.0 <= self.kl_prcp_top_p < 1.0:
             raise ValueError(f"kl_prcp_top_p must be in [0, 1) (0 = off), got {self.kl_prcp_top_p}")
+        if self.rollout_correction != "none":
+            ROLLOUT_CORRECTIONS.get(self.rollout_correction)
+        if self.rollout_correction_level not in LEVELS:
+            raise KeyError(f"unknown rollout_correction_level '{self.rollout_correction_level}'; known: {', '.join(LEVELS)}")
 
     @classmethod
     def from_config(cls, algo_cfg: Any, step: int, total_steps: int) -> LossSpec:
@@ -123,7 +138,9 @@ class LossSpec:
             kl_prcp_clip=a.kl_prcp_clip, kl_prcp_top_p=a.kl_prcp_top_p,
             ori_entropy_coef=a.ori_entropy_coef, aug_entropy_coef=a.aug_entropy_coef,
             entropy_discount=entropy_discount(gamma, a.kl_prcp_coef) if use_kl_prcp else 1.0,
-            entropy_estimator=a.entropy_estimator, aug_mode=a.aug_mode)
+            entropy_estimator=a.entropy_estimator, aug_mode=a.aug_mode, rollout_correction=a.rollout_correction,
+            rollout_correction_level=a.rollout_correction_level, rollout_correction_cap=a.rollout_correction_cap,
+            rollout_correction_lower=a.rollout_correction_lower)
 
     def replace(self, **changes: Any) -> LossSpec:
         """A copy with some fields changed."""
@@ -148,7 +165,7 @@ def _clean(x: LossInputs) -> LossInputs:
 
     adv = x.advantages if x.advantages.dim() == 1 else fix(x.advantages)
     return LossInputs(fix(x.logprob), fix(x.old_logprob), adv, x.response_mask, fix(x.ref_logprob), fix(x.aug_logprob),
-                      fix(x.entropy), fix(x.aug_entropy), fix(x.kl_exact))
+                      fix(x.entropy), fix(x.aug_entropy), fix(x.kl_exact), fix(x.rollout_logprob))
 
 
 def _entropy_terms(x: LossInputs, spec: LossSpec) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -179,7 +196,17 @@ def papo_loss(inputs: LossInputs, spec: LossSpec, *, global_tokens: Optional[Num
     metrics: dict[str, torch.Tensor] = {}
     pg = ppo_clip_loss(x.logprob, x.old_logprob, x.advantages, clip_low=spec.clip_low, clip_high=spec.clip_high,
                        clip_dual=spec.clip_dual, log_ratio_clamp=spec.ppo_log_ratio_clamp)
-    total = agg(pg.loss_BT)
+    pg_BT = pg.loss_BT
+    if spec.rollout_correction != "none":
+        if x.rollout_logprob is None:
+            raise ValueError(f"rollout_correction={spec.rollout_correction} needs rollout_logprob (the engine's log-probs)")
+        corr = rollout_correction_weights(x.old_logprob, x.rollout_logprob, mask, method=spec.rollout_correction,
+                                          level=spec.rollout_correction_level, cap=spec.rollout_correction_cap,
+                                          lower=spec.rollout_correction_lower)
+        pg_BT = pg_BT * corr.weight_BT
+        metrics["rollout_corr/weight_mean"] = tok_mean(corr.weight_BT)
+        metrics["rollout_corr/corrected_frac"] = tok_mean(corr.corrected_BT)
+    total = agg(pg_BT)
     metrics["loss/pg"] = total.detach()
     metrics["clipfrac/high"] = tok_mean(pg.clip_high_BT)
     metrics["clipfrac/low"] = tok_mean(pg.clip_low_BT)

@@ -15,6 +15,7 @@ from megatron_papo.config.base import ConfigError, field
 ADV_ESTIMATORS = ("dapo", "drgrpo", "grpo", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG_MODES = ("microbatch_token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_mean")
+ROLLOUT_CORRECTIONS = ("mis", "tis")
 
 
 @dataclass
@@ -63,10 +64,20 @@ class AlgoConfig:
         "which the score falls linearly by up to overlong_penalty; 0 = off (PAPO's scripts: off)")
     overlong_penalty: float = field(1.0, help="DAPO soft overlong punishment factor (EasyR1 overlong_penalty_factor): "
                                     "the score loses this much at L_max")
+    rollout_correction: str = field(
+        "none", help="rollout-training mismatch correction of the policy-gradient term, with rho = pi_old/mu (trainer "
+        "log-prob at the update's start weights over the engine's log-prob of the sampled token): none | tis (weight "
+        "min(rho, cap), Yao et al. 2025) | mis (weight rho inside [rollout_correction_lower, cap], 0 outside: IcePop "
+        "per token, Seq-MIS per sequence); PAPO's KL and entropy terms are not weighted")
+    rollout_correction_level: Literal["token", "sequence"] = field(
+        "token", help="ratio per token (rho_t) or per response (rho = prod_t rho_t, applied to all its tokens)")
+    rollout_correction_cap: float = field(2.0, help="C: the TIS truncation / the MIS upper bound (>= 1)")
+    rollout_correction_lower: float = field(
+        0.0, help="mis only: the lower bound of the kept ratios, in [0, 1] (0 = one-sided; IcePop uses 0.5 with cap 5)")
 
     def __post_init__(self) -> None:
         for name, known in (("adv_estimator", ADV_ESTIMATORS), ("kl_estimator", KL_ESTIMATORS),
-                            ("loss_agg_mode", LOSS_AGG_MODES)):
+                            ("loss_agg_mode", LOSS_AGG_MODES), ("rollout_correction", ("none", *ROLLOUT_CORRECTIONS))):
             value = getattr(self, name)
             if value not in known:
                 raise ConfigError(f"algo.{name}: got {value!r}, expected one of {', '.join(known)}")
@@ -91,3 +102,11 @@ class AlgoConfig:
             raise ConfigError(f"algo.dynamic_sampling_key: got {self.dynamic_sampling_key!r}, expected accuracy | overall | format")
         if self.overlong_buffer < 0:
             raise ConfigError(f"algo.overlong_buffer: got {self.overlong_buffer}, expected >= 0 (0 = off)")
+        if not self.rollout_correction_cap >= 1.0:
+            raise ConfigError(f"algo.rollout_correction_cap: got {self.rollout_correction_cap}, expected >= 1 (a ratio of 1 "
+                              "is on-policy and must keep its weight)")
+        if not 0.0 <= self.rollout_correction_lower <= 1.0:
+            raise ConfigError(f"algo.rollout_correction_lower: got {self.rollout_correction_lower}, expected a value in [0, 1]")
+        if self.rollout_correction_lower > 0 and self.rollout_correction != "mis":
+            raise ConfigError(f"algo.rollout_correction_lower={self.rollout_correction_lower} is a bound of "
+                              f"rollout_correction=mis (got {self.rollout_correction}); set it to 0 or use mis")

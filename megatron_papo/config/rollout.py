@@ -49,6 +49,11 @@ class RolloutConfig:
                                    "elsewhere (e.g. other nodes) that join the fleet; needs transport=distributed or disk")
     router: bool = field(True, help="placement=separate, mode=server: put sglang-router in front of the servers "
                          "(rollout requests go through it, addressed to their engine)")
+    async_steps: int = field(
+        0, help="0: generate, then train (on-policy); 1: the engines generate step k+1's rollouts (with the weights "
+        "step k's update starts from) while the actor trains on step k's, weights sync at the step boundary -- one "
+        "step off-policy (pair with algo.rollout_correction). Needs placement=separate, mode=train, no DAPO dynamic "
+        "sampling")
     skip_frozen: bool = field(True, help="weight sync: push frozen (requires_grad=False) parameters only once")
     engine_kwargs: dict[str, Any] = field(
         default_factory=dict, help="extra keyword arguments of the engine (SGLang: ServerArgs fields such as "

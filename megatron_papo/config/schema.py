@@ -144,6 +144,7 @@ def validate(cfg: Config) -> None:
     if r.placement == "colocated" and r.engine_base_gpu >= 0:
         raise ConfigError(f"rollout.engine_base_gpu={r.engine_base_gpu} is for placement=separate; colocated engines "
                           "use the trainer's devices")
+    _validate_async(cfg)
     if o.micro_batch_tokens < 0:
         raise ConfigError(f"optim.micro_batch_tokens={o.micro_batch_tokens} must be >= 0 (0 = fixed micro_batch_size)")
     if o.micro_batch_tokens > 0 and cfg.parallel.pp > 1:
@@ -168,6 +169,24 @@ def validate(cfg: Config) -> None:
     check_backends(cfg.logging.backends)
     if not 0.0 <= cfg.data.mask_prob <= 1.0:
         raise ConfigError(f"data.mask_prob={cfg.data.mask_prob} must be in [0, 1]")
+
+
+def _validate_async(cfg: Config) -> None:
+    """``rollout.async_steps``: 0 or 1, and only where generation can overlap training."""
+    r = cfg.rollout
+    if r.async_steps not in (0, 1):
+        raise ConfigError(f"rollout.async_steps={r.async_steps}: expected 0 (generate, then train) or 1 (one step ahead)")
+    if not r.async_steps:
+        return
+    if r.placement != "separate":
+        raise ConfigError("rollout.async_steps=1 needs rollout.placement=separate: colocated engines share the trainer's "
+                          "devices, so generation cannot overlap training; set rollout.async_steps=0")
+    if cfg.mode != "train":
+        raise ConfigError(f"rollout.async_steps=1 overlaps generation with training; mode={cfg.mode} does not do both: "
+                          "set rollout.async_steps=0")
+    if cfg.algo.dynamic_sampling:
+        raise ConfigError("rollout.async_steps=1 with algo.dynamic_sampling=true: DAPO refills draw again after filtering "
+                          "on this step's rewards, which a batch generated a step ahead cannot do; set one of them off")
 
 
 def _validate_lr_schedule(cfg: Config) -> None:

@@ -12,6 +12,8 @@ the step metrics) and logged with its sample id.
 Workers start on the first call (only the ranks that score start any), are daemonic, exit when their
 pipe closes, and a watchdog thread ends them if the parent process dies while they are busy.
 With ``workers == 0`` the function runs in the calling process (failures still score 0; no timeout).
+Calls are thread-safe: a rank that owns several engines scores their blocks from several fleet threads, and
+one lock keeps each worker's request/answer pairs (and the ready handshake) from interleaving.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class RewardPool:
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)
         self.failures = 0
         self.calls = 0
+        self._lock = threading.Lock()  # one call at a time: the pipes carry one request/answer pair each
 
     # ------------------------------------------------------------------ public
     def __call__(self, responses: Sequence[str], answers: Sequence[str],
@@ -122,13 +125,18 @@ class RewardPool:
         """One reward dict per response; failed ones are ``FAILED`` (0, marked, counted, logged)."""
         if len(responses) != len(answers):
             raise ValueError(f"got {len(responses)} responses but {len(answers)} answers; pass one answer per response")
-        self.calls += 1
         n = len(responses)
         if n == 0:
             return []
-        ids = list(ids) if ids is not None else [f"call{self.calls}/{i}" for i in range(n)]
         responses, answers = list(responses), list(answers)
-        results = self._local(responses, answers) if self.num_workers == 0 else self._pooled(responses, answers)
+        with self._lock:
+            self.calls += 1
+            ids = list(ids) if ids is not None else [f"call{self.calls}/{i}" for i in range(n)]
+            results = self._local(responses, answers) if self.num_workers == 0 else self._pooled(responses, answers)
+            return self._collect(results, ids, n)
+
+    def _collect(self, results: list[Any], ids: list[str], n: int) -> list[dict[str, float]]:
+        """Reward dicts in order; a failure becomes ``FAILED``, counted and logged with its sample id."""
         out, failed = [], 0
         for i, r in enumerate(results):
             if isinstance(r, dict):
@@ -148,7 +156,8 @@ class RewardPool:
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
-        _stop_all(self._workers)
+        with self._lock:
+            _stop_all(self._workers)
 
     # ------------------------------------------------------------------ in process
     def _local(self, responses: list[str], answers: list[str]) -> list[Any]:

@@ -42,6 +42,9 @@ from megatron_papo.rollout.base import EngineDiedError
 
 log = logging.getLogger(__name__)
 
+#: one rank's per-engine results of a block run: ``(engine index, (ok, results or error string))``
+BlockResults = list[tuple[int, tuple[bool, Any]]]
+
 
 class FleetError(EngineDiedError):
     """One or more engines of the fleet failed; raised on every rank with the same message."""
@@ -230,9 +233,14 @@ class RolloutFleet:
                    ) -> list[tuple[int, Any]]:
         """Run ``fn(engine, block)`` for every engine on its block of ``items`` (:func:`split_blocks`) and return
         ``(engine index, result)`` for every item, in item order, on every rank. Collective."""
+        return self.gather_blocks(len(items), self.run_blocks(items, fn), what)
+
+    def run_blocks(self, items: Sequence[Any], fn: Callable[[Any, list[Any]], list[Any]]) -> BlockResults:
+        """The local half of :meth:`map_blocks`: ``fn(engine, block)`` on this rank's engines only. No collective,
+        so it may run in a background thread (:mod:`async_rollout`); an engine's failure is returned as an error
+        string in the results, never raised."""
         blocks = split_blocks(len(items), self.num_engines)
         mine = sorted(self.engines)
-        out: dict[int, Any] = {}
 
         def run(k: int) -> tuple[int, tuple[bool, Any]]:
             a, b = blocks[k]
@@ -242,9 +250,14 @@ class RolloutFleet:
 
         if len(mine) > 1:
             with ThreadPoolExecutor(len(mine)) as pool:
-                done = list(pool.map(run, mine))
-        else:
-            done = [run(k) for k in mine]
+                return list(pool.map(run, mine))
+        return [run(k) for k in mine]
+
+    def gather_blocks(self, num_items: int, done: BlockResults, what: str = "generate") -> list[tuple[int, Any]]:
+        """The collective half of :meth:`map_blocks`: every rank's :meth:`run_blocks` results to every rank, in item
+        order; the same :class:`FleetError` on every rank when any engine failed. Collective."""
+        blocks = split_blocks(num_items, self.num_engines)
+        out: dict[int, Any] = {}
         errors = []
         for k, (ok, res) in done:
             if ok:
@@ -273,15 +286,29 @@ class RolloutFleet:
                         tokenizer: Any, reward_fn: Callable, data_cfg: Any, processor: Any, make_aug: bool) -> list[Any]:
         """n scored responses per prompt from the whole fleet, as :class:`~megatron_papo.rollout_phase.Group` s in
         prompt order on every rank (masked views computed by every rank). Collective."""
-        from megatron_papo.rollout_phase import assemble_group, generate_block
-
         self.resume()
+        done = self.generate_local(samples, n=n, sampling=sampling, step=step, seed=seed, tokenizer=tokenizer,
+                                   reward_fn=reward_fn)
+        return self.assemble_groups(samples, done, step=step, seed=seed, data_cfg=data_cfg, processor=processor,
+                                    make_aug=make_aug)
+
+    def generate_local(self, samples: Sequence[Any], *, n: int, sampling: dict[str, Any], step: int, seed: int,
+                       tokenizer: Any, reward_fn: Callable) -> BlockResults:
+        """This rank's engines generate and score their blocks of ``samples`` (no collective: background-safe)."""
+        from megatron_papo.rollout_phase import generate_block
 
         def fn(engine: Any, block: list[Any]) -> list[Any]:
             return generate_block(engine, block, n=n, sampling=sampling, step=step, seed=seed, tokenizer=tokenizer,
                                   reward_fn=reward_fn)
 
-        results = self.map_blocks(samples, fn, "generate")
+        return self.run_blocks(samples, fn)
+
+    def assemble_groups(self, samples: Sequence[Any], done: BlockResults, *, step: int, seed: int, data_cfg: Any,
+                        processor: Any, make_aug: bool) -> list[Any]:
+        """Every rank's :meth:`generate_local` results gathered into Groups in prompt order. Collective."""
+        from megatron_papo.rollout_phase import assemble_group
+
+        results = self.gather_blocks(len(samples), done, "generate")
         return [assemble_group(s, res, engine=k, step=step, seed=seed, data_cfg=data_cfg, processor=processor,
                                make_aug=make_aug) for s, (k, res) in zip(samples, results)]
 

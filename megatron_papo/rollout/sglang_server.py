@@ -58,8 +58,9 @@ def _free_port() -> int:
 
 
 def server_argv(kwargs: dict[str, Any], host: str, port: int) -> list[str]:
-    """``python -m sglang.launch_server`` arguments from ``sglang.Engine`` keyword arguments."""
-    argv = [sys.executable, "-m", "sglang.launch_server", "--host", host, "--port", str(port)]
+    """``python -m sglang.launch_server`` arguments from ``sglang.Engine`` keyword arguments (launched through
+    ``_sglang_server_main``, which adds the CPU seeded-sampling plumbing to SGLang's own launcher)."""
+    argv = [sys.executable, "-m", "megatron_papo.rollout._sglang_server_main", "--host", host, "--port", str(port)]
     for key, value in kwargs.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -74,8 +75,6 @@ class SGLangServerEngine(SGLangEngine):
 
     #: flat CPU buckets are moved to shared memory *by file name* while pickling (see ``_flat_payload``)
     shared_flat = False
-    #: sglang.launch_server starts its own schedulers: the CPU seeded-sampling plumbing is not applied there
-    cpu_seeded_sampling = False
 
     def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(model_path, **kwargs)

@@ -61,3 +61,75 @@ def one_engine_dies(die_engine: int) -> dict:
     except FleetError as e:
         return {"error": str(e), "seconds": time.perf_counter() - t0, "stopped": all(e.stopped for e in mine.values())}
     return {"error": None}
+
+
+class GeneratingEngine:
+    """The engine protocol's ``generate``: sample k of prompt uid is ``[uid, k, owner rank]`` after ``delay`` s."""
+
+    def __init__(self, delay: float, die: bool = False) -> None:
+        self.delay, self.die = delay, die
+        self.host_pid = os.getpid()
+        self.threads: list[str] = []
+
+    def generate(self, requests, n=1, sampling=None, seeds=None):
+        import threading
+
+        from megatron_papo.rollout.base import GenerationResult
+
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.die:
+            raise EngineDiedError("SGLang engine died during generate (host exit code -9)")
+        return [[GenerationResult([int(p.split()[-1]), k, dist.get_rank()], [-0.5, -1.0, -2.0], "stop") for k in range(n)]
+                for p, _ in requests]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _async_round(delay: float, die_engine: int, seen: list[str]) -> dict:
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_papo.rollout.async_rollout import AsyncRollout
+
+    seen.clear()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine = GeneratingEngine(delay, die=rank == die_engine)
+    fleet = RolloutFleet([EngineSlot(k, k) for k in range(world)], rank, world, {rank: engine}, placement="separate")
+    samples = [SimpleNamespace(uid=u, prompt=f"p {u}", images=[], answer="0") for u in (10, 11, 12, 13, 14, 15)]
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+    ahead = AsyncRollout(fleet)
+    t0 = time.perf_counter()
+    ahead.submit(2, samples, n=2, sampling={}, seed=1, tokenizer=tok,
+                 reward_fn=lambda rs, ans: [{"overall": 0.0} for _ in rs])
+    submit_s = time.perf_counter() - t0
+    for _ in range(10):  # the main thread's collectives, concurrent with the engines' work
+        x = torch.ones(1) * rank
+        dist.all_reduce(x)
+        time.sleep(delay / 10)
+    try:
+        groups, stats = ahead.collect(data_cfg=None, processor=None, make_aug=False)
+    except FleetError as e:
+        return {"error": str(e), "threads": sorted(set(seen))}
+    return {"submit_s": submit_s, "stats": stats, "threads": sorted(set(seen)), "engine_threads": engine.threads,
+            "groups": [[g.sample.uid, g.engine, g.response_ids] for g in groups]}
+
+
+def async_overlap(delay: float, die_engine: int) -> dict:
+    """Two rounds of 6 prompts in flight on both ranks' engines while the main threads run all-reduces
+    ("training"), every collective recorded with the thread that issued it: a healthy round, then one whose
+    engine ``die_engine`` dies in the background."""
+    import threading
+
+    seen: list[str] = []
+    for name in ("all_gather_object", "all_reduce", "broadcast_object_list", "broadcast", "barrier"):
+        real = getattr(dist, name)
+
+        def wrapped(*a, _real=real, **kw):
+            seen.append(threading.current_thread().name)
+            return _real(*a, **kw)
+
+        setattr(dist, name, wrapped)
+    return {"ok": _async_round(delay, -1, seen), "failed": _async_round(delay / 5, die_engine, seen)}

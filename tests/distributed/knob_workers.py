@@ -162,7 +162,7 @@ def trainer_knobs(hf_dir: str, run_dir: str, overrides: list[str]) -> dict[str, 
     trainer_mod.compute_advantages = recording_advantages
     engine: list[ScriptedEngine] = []
 
-    def factory(c: Any, d: str) -> ScriptedEngine:
+    def factory(c: Any, d: str, slot: Any = None) -> ScriptedEngine:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(d)

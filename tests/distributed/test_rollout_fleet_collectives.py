@@ -30,3 +30,20 @@ def test_one_dying_engine_fails_every_rank_with_the_same_message():
     assert res[0]["error"] is not None and res[0]["error"] == res[1]["error"]
     assert "engine 1 (owner rank 1, host pid" in res[0]["error"] and "EngineDiedError" in res[0]["error"]
     assert all(r["seconds"] < 10 and r["stopped"] for r in res)  # no hang; every rank shut its engines down
+
+
+def test_async_rollouts_overlap_main_thread_collectives_and_gather_at_collect():
+    """Both ranks' engines generate in a background thread while the main threads run all-reduces; every collective
+    (the all-reduces and the fleet's gather) is issued by the main thread; collect gives the same groups, in prompt
+    order, on both ranks. A second round whose engine 1 dies in the background fails every rank alike at collect."""
+    res = run_distributed("tests.distributed.fleet_workers:async_overlap", nproc=2, kwargs={"delay": 1.0, "die_engine": 1},
+                          timeout=120)
+    for r in (x["ok"] for x in res):
+        assert r["threads"] == ["MainThread"], r["threads"]
+        assert r["engine_threads"] == ["rollout-step2"] and r["submit_s"] < 0.5
+        assert r["stats"]["timing/overlap"] >= 0.9 and r["stats"]["timing/generate"] >= 1.0
+    want = [[u, i // 3, [[u, k, i // 3] for k in range(2)]] for i, u in enumerate(range(10, 16))]  # rank r's engine r
+    assert res[0]["ok"]["groups"] == want and res[1]["ok"]["groups"] == want
+    failed = [x["failed"] for x in res]
+    assert failed[0]["error"] == failed[1]["error"] and "engine 1 (owner rank 1, host pid" in failed[0]["error"]
+    assert all(f["threads"] == ["MainThread"] for f in failed)

@@ -76,7 +76,7 @@ FLEET_STEPS = ["total_steps=2", "checkpoint.save_every=0", "eval_at_end=false"]
 def _check_every_engine(name: str, rows: list[dict]) -> None:
     assert [r["step"] for r in rows] == [1, 2], name
     for r in rows:  # every engine, every step (step 2 generates with the synced weights)
-        gaps = [r[f"rollout/logprob_gap/engine{k}"] for k in (0, 1)]
+        gaps = [r[f"rollout/engine{k}/logprob_gap"] for k in (0, 1)]
         assert max(gaps) <= 1e-4 and r["rollout/logprob_gap"] == max(gaps), (name, r["step"], gaps)
     assert rows[1]["kl/ref"] > 0, name  # the actor moved, and both engines' log-probs moved with it
 

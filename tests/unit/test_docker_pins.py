@@ -71,6 +71,17 @@ def test_pins_agree_with_setup_and_cpu_requirements():
     assert f"<={cpu_pins['torch']}" in torch_spec.replace(" ", ""), f"setup.py torch spec {torch_spec!r} excludes {cpu_pins['torch']}"
 
 
+def test_extras_in_the_image_match_setup():
+    """The router (sglang extra), trackers and report extras are installed in the image at setup.py's pins."""
+    args = dockerfile_args()
+    _, extras = setup_requirements()
+    pins = exact_pins(extras["sglang"] + extras["trackers"] + extras["report"])
+    for pkg, arg in {"sglang-router": "SGLANG_ROUTER_VERSION", "wandb": "WANDB_VERSION",
+                     "mlflow-skinny": "MLFLOW_SKINNY_VERSION", "matplotlib": "MATPLOTLIB_VERSION"}.items():
+        assert args.get(arg) == pins.get(pkg), f"{pkg}: setup.py pins {pins.get(pkg)}, Dockerfile {arg}={args.get(arg)}"
+        assert f'"{pkg}==${{{arg}}}"' in DOCKERFILE.read_text(), f"the Dockerfile never installs {pkg}"
+
+
 def test_every_runtime_requirement_is_installed_in_the_image():
     """The project is installed with --no-deps, so every setup.py requirement must be installed explicitly."""
     text = DOCKERFILE.read_text()

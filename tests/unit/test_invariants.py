@@ -42,8 +42,7 @@ def test_ppo_ratio_checked_only_on_the_first_mini_batch_of_the_first_epoch():
     chk.ppo_ratio(3, 0, 1, 0.2)  # second mini-batch: after an optimizer step
     with pytest.raises(InvariantError, match="step 3: PPO ratio"):
         chk.ppo_ratio(3, 0, 0, 1e-3)
-    with pytest.raises(InvariantError):
-        chk.ppo_ratio(3, 0, 0, float("nan"))
+    chk.ppo_ratio(3, 0, 0, float("nan"))  # a diverged forward: the non-finite guard skips the step, the run goes on
 
 
 def test_actor_ref_only_at_step_1_and_disabled_checker_is_silent():

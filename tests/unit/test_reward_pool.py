@@ -74,6 +74,22 @@ def test_plugin_through_the_pool_equals_direct_call(plugin):
     assert build_reward_fn(cfg.data)(["abcd"], ["x"]) == [{"overall": 2.0}]
 
 
+def test_concurrent_calls_from_fleet_threads_each_get_their_own_results(plugin):
+    """A rank that owns two engines scores both engines' blocks from two fleet threads at once, starting with the
+    workers' ready handshake: every thread gets exactly its own answers (before the lock a thread could read another
+    thread's results as the handshake and fail with ``reward worker: [...]``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = RewardPool(f"{plugin}:exact", workers=2, timeout_s=120)
+    calls = [([f"r{t}_{i}" * (1 + t % 3) for i in range(5)], [f"r{t}_{i}" for i in range(5)]) for t in range(12)]
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda c: pool(*c), calls))
+        assert got == [[_exact(r, a) for r, a in zip(*c)] for c in calls] and pool.failures == 0
+    finally:
+        pool.close()
+
+
 def test_registry_names_still_work_through_the_pool():
     from megatron_papo.rewards.math import math_reward
     from megatron_papo.rewards.synthetic import synthetic_reward

@@ -72,5 +72,5 @@ def test_sglang_from_config_without_starting(tiny_model_dir):
     srv = SGLangEngine.from_config(RolloutConfig(mode="server"), str(tiny_model_dir))
     assert isinstance(srv, SGLangServerEngine) and srv.url.startswith("http://127.0.0.1:")
     argv = server_argv({"model_path": "m", "disable_cuda_graph": True, "tp_size": 2, "x": False}, "h", 1)
-    assert argv[1:] == ["-m", "sglang.launch_server", "--host", "h", "--port", "1", "--model-path", "m",
+    assert argv[1:] == ["-m", "megatron_papo.rollout._sglang_server_main", "--host", "h", "--port", "1", "--model-path", "m",
                         "--disable-cuda-graph", "--tp-size", "2"]

@@ -7,6 +7,15 @@ machine drift and warm-up hit all alike. Prints one JSON object: per variant the
 
     .venv/bin/python tools/bench/train_step.py --steps 10 --warmup 2
     .venv/bin/python tools/bench/train_step.py --variants papo_faithful papo_faithful_budget papo_faithful_packed
+    .venv/bin/python tools/bench/train_step.py --variants papo_faithful papo_faithful_async --steps 12 --warmup 2
+
+With an ``*_async`` variant (``rollout.async_steps=1`` + TIS) every variant runs on a separate engine fed through a
+gloo weight group (``rollout.placement=separate rollout.transport=distributed``), so the synchronous and the
+overlapped step differ in the overlap only; the trainers are told one step more than they run, so every measured
+async step also generates the next one. Async phases: ``timing/rollout`` (take the groups made ahead and submit
+the next batch), ``timing/rollout_wait`` (wait for the generation training did not hide, and the gather), and,
+beside the step's sum, ``timing/generate`` (the background generation) and ``timing/overlap`` (its part that ran
+while the actor trained).
 """
 
 from __future__ import annotations
@@ -28,7 +37,11 @@ VARIANTS = {
     # padded rows vs packed rows (dense [L, L] segment mask on the local layers)
     "papo_faithful_budget": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=3072"],
     "papo_faithful_packed": ["algo.kl_prcp_coef=0.02", "optim.micro_batch_tokens=3072", "optim.pack_sequences=true"],
+    # overlapped rollouts, one step off-policy, with truncated importance sampling (needs a separate engine)
+    "papo_faithful_async": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=detached", "rollout.async_steps=1",
+                            "algo.rollout_correction=tis"],
 }
+SEPARATE = ["rollout.placement=separate", "rollout.transport=distributed"]
 DEFAULT_VARIANTS = ["grpo", "papo_faithful", "papo_live", "papo_exact_kl"]
 
 
@@ -48,13 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_papo.trainer import Trainer
 
     root = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
+    overlapped = any(name.endswith("_async") for name in args.variants)
+    load_before = os.getloadavg()
     base = ["checkpoint.save_every=0", "eval_at_end=false", "logging.progress=false", "logging.backends=jsonl",
-            "checkpoint.resume=never", *args.overrides]
+            "checkpoint.resume=never", *(SEPARATE if overlapped else []), *args.overrides]
     engine = None
     groups = None
     trainers = {}
     for name in args.variants:
-        cfg = load_config("tiny_cpu", base + VARIANTS[name] + [f"run_dir={root / name}", f"total_steps={args.steps}"])
+        # one step more than run: an async trainer generates ahead at every measured step (none past total_steps)
+        cfg = load_config("tiny_cpu", base + VARIANTS[name] + [f"run_dir={root / name}", f"total_steps={args.steps + 1}"])
         groups = groups or init_distributed(cfg.parallel, seed=cfg.seed)
         hf_dir = prepare_model_dir(cfg, groups.rank) if engine is None else str(root / args.variants[0] / "tiny_model")
         if engine is None:
@@ -79,11 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     base_t = out.get("grpo", {}).get("timing/step")
     ratios = {f"{k}/grpo": v["timing/step"] / base_t for k, v in out.items() if base_t and k != "grpo"}
     faithful = out.get("papo_faithful", {})
+    if "papo_faithful_async" in out and faithful:  # overlapped vs synchronous rollouts, same separate engine
+        for phase in ("timing/step", "timing/update"):
+            ratios[f"papo_faithful_async/papo_faithful:{phase}"] = out["papo_faithful_async"][phase] / faithful[phase]
     for k in ("papo_faithful_budget", "papo_faithful_packed"):  # micro-batch layouts vs fixed micro_batch_size
         if k in out and faithful:
             for phase in ("timing/step", "timing/update", "timing/old_logprob"):
                 ratios[f"{k}/papo_faithful:{phase}"] = out[k][phase] / faithful[phase]
-    print(json.dumps({"steps": args.steps, "warmup": args.warmup, "timing": out, "ratios": ratios}, indent=1))
+    load = os.getloadavg()
+    print(json.dumps({"steps": args.steps, "warmup": args.warmup, "placement": "separate" if overlapped else "colocated",
+                      "load_avg_before": [round(x, 1) for x in load_before],
+                      "load_avg_after": [round(x, 1) for x in load], "timing": out, "ratios": ratios}, indent=1))
     return 0
 
 
