@@ -26,7 +26,8 @@ import torch.distributed as dist
 from megatron_papo.actor import PolicyModel, StatsRequest, gather_token_stats, make_micro_batches
 from megatron_papo.algos import LossSpec, compute_advantages
 from megatron_papo.algos.dapo import apply_overlong_penalty, fill_batch, group_mean, keep_group
-from megatron_papo.checkpoint.dist import clean_stale, find_resumable, load_checkpoint, save_checkpoint
+from megatron_papo.checkpoint.dist import AsyncSaves, clean_stale, find_resumable, load_checkpoint, save_checkpoint
+from megatron_papo.checkpoint.hf_export import HFExports
 from megatron_papo.config import Config
 from megatron_papo.data.collate import collate_rollouts, repeat_interleave
 from megatron_papo.data.dataset import PromptLoader, load_prompt_dataset
@@ -116,6 +117,9 @@ class Trainer:
         self.skipped_updates = 0
         self.skip_guard = SkippedSteps(cfg.optim.max_skipped_steps)
         self._saved_step = 0
+        ck = cfg.checkpoint
+        self.async_saves = AsyncSaves() if ck.async_save else None  # dist-checkpoints written in the background
+        self.hf_exports = HFExports(self.run_dir / "hf", hf_dir, self._dtype(), ck.keep_last) if ck.hf_every else None
         resume = self._maybe_resume()
         initialised = resume is None and bool(cfg.checkpoint.init_from)
         if initialised:
@@ -208,9 +212,23 @@ class Trainer:
             state["loader"] = self._ahead.loader_before
             state["async_rollouts"] = {"step": self._ahead.step, "groups": groups_state(self._ahead.groups)}
         ck = self.cfg.checkpoint
+        if self.async_saves is not None and self.hf_exports is not None:
+            self.hf_exports.wait()  # the async save forks its writers: no export thread may be mid-write then
         if save_checkpoint(self.ckpt_root, self.step, self.actor.chunks, self.actor.optimizer, trainer_state=state,
-                           keep_last=ck.keep_last, verify=ck.verify) is not None:
-            self._saved_step = self.step
+                           keep_last=ck.keep_last, verify=ck.verify, async_saves=self.async_saves) is not None:
+            self._saved_step = self.step  # (async: published by finish_writes or a later poll; a crash keeps 'latest')
+
+    def export_hf(self) -> None:
+        """Collective: HF export of the actor to ``<run_dir>/hf/step_XXXXXX`` (training waits for the gather only)."""
+        paused = self.hf_exports.export(self.step, self.actor.chunks, self.groups)
+        log.info("step %d: HF export gathered in %.2f s, writing in the background", self.step, paused)
+
+    def finish_writes(self) -> None:
+        """Collective: publish the async save in flight and wait for the HF export being written."""
+        if self.async_saves is not None:
+            self.async_saves.wait()
+        if self.hf_exports is not None:
+            self.hf_exports.wait()
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self) -> dict[str, float]:
@@ -466,6 +484,8 @@ class Trainer:
             skipped_before = self.skipped_updates
             metrics = self.train_step(step)
             self.step = step
+            if self.async_saves is not None:
+                self.async_saves.poll()  # publishes the previous save once every rank's files are written
             if self.is_rank0:
                 for msg in warn.update(metrics):
                     log.warning("step %d: %s", step, msg)
@@ -477,6 +497,8 @@ class Trainer:
                 self.evaluate(step)
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 self.save()
+            if cfg.checkpoint.hf_every and step % cfg.checkpoint.hf_every == 0:
+                self.export_hf()
         bar.close()
         if self._preempted():
             return self.preemption.exit_code
@@ -484,6 +506,7 @@ class Trainer:
             self.evaluate(self.step, final=True)
         if cfg.checkpoint.save_every == 0 or self.step % cfg.checkpoint.save_every:
             self.save()
+        self.finish_writes()
         self.metrics.close()
         return 0
 
@@ -494,6 +517,7 @@ class Trainer:
             return False
         if self.step > self._saved_step:
             self.save()
+        self.finish_writes()
         log.warning("preempted by %s: saved step %d (%s); exiting %d", p.signal_name, self._saved_step,
                     self.ckpt_root / "latest", p.exit_code)
         self.metrics.close()
@@ -511,7 +535,12 @@ class Trainer:
         return res
 
     def close(self) -> None:
-        """Shut the fleet's engines and the reward workers down (idempotent)."""
+        """Shut the fleet's engines and the reward workers down (idempotent); an async save still in flight (an
+        error path: ``run`` waits for it) is dropped unpublished, an HF export being written is finished."""
+        if self.async_saves is not None:
+            self.async_saves.abandon()
+        if self.hf_exports is not None:
+            self.hf_exports.close()
         if self.async_rollout is not None:
             self.async_rollout.close()
         self.fleet.shutdown()

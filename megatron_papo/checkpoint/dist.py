@@ -224,7 +224,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(root: str | os.PathLike, step: int, model_chunks: list[torch.nn.Module], optimizer: Any = None,
                     trainer_state: Optional[dict[str, Any]] = None, keep_last: int = 0, verify: str = "size",
-                    async_saves: Optional["AsyncSaves"] = None) -> Optional[Path]:
+                    async_saves: Optional[AsyncSaves] = None) -> Optional[Path]:
     """Collective: save model (+ optimizer) shards, per-rank RNG states and ``trainer_state`` atomically, with a
     manifest written before ``latest`` moves. Returns the checkpoint dir, or None (nothing written, error
     logged) when a weight is not finite.

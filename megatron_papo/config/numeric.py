@@ -40,6 +40,7 @@ RANGES: dict[str, tuple[Optional[float], Optional[float], bool, bool]] = {
     "data.format_weight": (0.0, 1.0, False, False),
     "checkpoint.save_every": (0, None, False, False),
     "checkpoint.keep_last": (0, None, False, False),
+    "checkpoint.hf_every": (0, None, False, False),
     "checkpoint.preempt_timeout_s": (0.0, None, True, False),
     "total_steps": (0, None, False, False),
     "eval_every": (0, None, False, False),

@@ -1,15 +1,9 @@
 """Workers for the async dist-checkpoint tests: the tiny mcore GPT of ``mcore_gpt_workers`` trained on gloo, saved
-with megatron-core's async save (``checkpoint/dist.py::AsyncSaves``) while training goes on.
-
-Also a command line for the SIGKILL test (one process, no torchrun):
-``python -m tests.distributed.async_save_workers kill_mid_save ROOT``.
-"""
+with megatron-core's async save (``checkpoint/dist.py::AsyncSaves``) while training goes on."""
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,32 +71,36 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def async_snapshot_while_training(root: str, distopt: bool = True) -> dict:
-    """Train 2 steps; save step 2 synchronously (``root/sync``) and asynchronously (``root/async``); train step 3
-    while the async writers run; publish by polling. Then save step 3 synchronously and load the async checkpoint
-    back. Returns what each rank saw."""
+    """Train step 1, async-save it and wait (published). Train step 2; save it synchronously (``root/sync``) and
+    asynchronously (``root/async``); while its writers run (not finalised: what a process killed now leaves), look
+    at what a resume would see; train step 3; publish by polling. Then save step 3 synchronously and load the async
+    checkpoint of step 2 into a fresh model and optimizer. Returns what each rank saw."""
     import torch.distributed as dist
 
-    from megatron_papo.checkpoint.dist import AsyncSaves, latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_papo.checkpoint.dist import AsyncSaves, find_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 
     groups, chunks, opt = _setup(distopt)
-    for step in (1, 2):
-        _train_step(groups, chunks, opt, step)
+    aroot = Path(root) / "async"
+    saves = AsyncSaves()
+    _train_step(groups, chunks, opt, 1)
+    save_checkpoint(aroot, 1, chunks, opt, trainer_state={"loader": {"pos": 1}}, async_saves=saves)
+    published_1 = saves.wait()
+    _train_step(groups, chunks, opt, 2)
     at_save, optim_at_save = _params(chunks), _optim_state(opt)
     assert any(k.endswith("exp_avg_sq") for k in optim_at_save)
     state = {"loader": {"pos": 2}}
     save_checkpoint(Path(root) / "sync", 2, chunks, opt, trainer_state=state)
-    saves = AsyncSaves()
-    final = save_checkpoint(Path(root) / "async", 2, chunks, opt, trainer_state=state, async_saves=saves)
-    out = {"unpublished_after_schedule": latest_checkpoint(Path(root) / "async") is None and not final.exists(),
-           "tmp_exists": (Path(root) / "async" / ".tmp_step_000002").is_dir()}
+    final = save_checkpoint(aroot, 2, chunks, opt, trainer_state=state, async_saves=saves)
+    tmp = aroot / ".tmp_step_000002"
+    out = {"published_1": str(published_1), "latest_while_writing": (aroot / "latest").read_text(),
+           "unpublished": not final.exists() and tmp.is_dir() and not (tmp / "manifest.json").exists(),
+           "resumable_while_writing": str(find_resumable(aroot, fix_marker=False))}
+    dist.barrier()
     _train_step(groups, chunks, opt, 3)  # the weights and the optimizer state change while the writers run
     polls = 0
     while saves.poll() is None:
         polls += 1
         assert polls < 6000, "async save never finished"
-        torch.distributed.barrier()
-        import time
-
         time.sleep(0.01)
     out["polls"] = polls
     out["latest_after_poll"] = (Path(root) / "async" / "latest").read_text()
@@ -114,22 +112,3 @@ def async_snapshot_while_training(root: str, distopt: bool = True) -> dict:
     restored = {"params": _max_diff(_params(chunks2), at_save), "optim": _max_diff(_optim_state(opt2), optim_at_save)}
     dist.barrier()
     return {**out, "changed_by_step3": changed, "restored_max_diff": restored, "state": got}
-
-
-def kill_mid_save(root: str) -> None:
-    """Save step 1 (async, published), schedule the async save of step 2, then SIGKILL this process."""
-    from megatron_papo.checkpoint.dist import AsyncSaves, save_checkpoint
-
-    groups, chunks, opt = _setup(distopt=False)
-    saves = AsyncSaves()
-    _train_step(groups, chunks, opt, 1)
-    save_checkpoint(root, 1, chunks, opt, trainer_state={"loader": {}}, async_saves=saves)
-    assert saves.wait() is not None
-    _train_step(groups, chunks, opt, 2)
-    save_checkpoint(root, 2, chunks, opt, trainer_state={"loader": {}}, async_saves=saves)
-    print("scheduled", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-if __name__ == "__main__":
-    globals()[sys.argv[1]](*sys.argv[2:])

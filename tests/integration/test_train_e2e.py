@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, free_port
+from tests.harness import REPO, free_port, run_distributed
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -52,9 +52,26 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def verify_exports(ckpt: str, hf_base: str, exports: list[str]) -> dict:
+    """Worker (1 gloo rank): the converter's ``--verify`` against HF exports written during training: max |Δ log p|
+    between the checkpoint's actor (mcore, TP=1) and transformers loading each export dir."""
+    from megatron_papo.checkpoint.convert import as_saved, build_for_conversion, checkpoint_dtype, verify_mcore_vs_hf
+    from megatron_papo.checkpoint.dist import load_checkpoint
+    from megatron_papo.config.parallel import ParallelConfig
+    from megatron_papo.parallel import init_distributed
+
+    pg = init_distributed(ParallelConfig(tp=1, pp=1, device="cpu"))
+    model = build_for_conversion(Path(hf_base), pg, checkpoint_dtype(Path(ckpt)))
+    load_checkpoint(Path(ckpt), [as_saved(model, Path(ckpt))], optimizer=None, load_rng=False)
+    return {d: verify_mcore_vs_hf(model, Path(d), pg) for d in exports}
+
+
 def test_short_run_metrics_tensorboard_and_engine_gap(tmp_path):
+    """Also: async dist-checkpoint save of the last step, and HF exports every step (checkpoint.hf_every=1) with
+    keep_last=2, the last one checked against the saved actor by log-probs under transformers."""
     run = tmp_path / "run"
-    rows = _train(run, extra=["total_steps=3", "checkpoint.save_every=0"])
+    rows = _train(run, extra=["total_steps=3", "checkpoint.save_every=0", "checkpoint.async_save=true",
+                              "checkpoint.hf_every=1", "checkpoint.keep_last=2"])
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
@@ -68,6 +85,12 @@ def test_short_run_metrics_tensorboard_and_engine_gap(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file() and (run / "logs" / "rank0.log").is_file()
     assert (run / "checkpoints" / "latest").read_text() == "step_000003"
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["step_000002", "step_000003"]  # keep_last, no .tmp_*
+    ckpt, exports = run / "checkpoints" / "step_000003", [str(run / "hf" / "step_000002"), str(run / "hf" / "step_000003")]
+    diff = run_distributed("tests.integration.test_train_e2e:verify_exports", 1,
+                           {"ckpt": str(ckpt), "hf_base": str(run / "tiny_model"), "exports": exports})[0]
+    assert diff[exports[1]] <= 1e-5, diff  # the step-3 export is the step-3 actor (fp32 CPU, the converter's atol)
+    assert diff[exports[0]] > 1e-5, diff  # and the check tells it from the step before
 
 
 FLEET_STEPS = ["total_steps=2", "checkpoint.save_every=0", "eval_at_end=false"]
