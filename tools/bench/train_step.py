@@ -8,6 +8,7 @@ machine drift and warm-up hit all alike. Prints one JSON object: per variant the
     .venv/bin/python tools/bench/train_step.py --steps 10 --warmup 2
     .venv/bin/python tools/bench/train_step.py --variants papo_faithful papo_faithful_budget papo_faithful_packed
     .venv/bin/python tools/bench/train_step.py --variants papo_faithful papo_faithful_async --steps 12 --warmup 2
+    .venv/bin/python tools/bench/train_step.py --variants papo_faithful_save_sync papo_faithful_save_async --steps 8 --warmup 2
 
 With an ``*_async`` variant (``rollout.async_steps=1`` + TIS) every variant runs on a separate engine fed through a
 gloo weight group (``rollout.placement=separate rollout.transport=distributed``), so the synchronous and the
@@ -16,6 +17,11 @@ async step also generates the next one. Async phases: ``timing/rollout`` (take t
 the next batch), ``timing/rollout_wait`` (wait for the generation training did not hide, and the gather), and,
 beside the step's sum, ``timing/generate`` (the background generation) and ``timing/overlap`` (its part that ran
 while the actor trained).
+
+The ``*_save_*`` variants save a dist-checkpoint after every step, as ``Trainer.run`` does (the once-per-step poll
+of a save in flight, then ``Trainer.save``): ``timing/save`` is the time training stood still for it (sync: the whole
+save; async: planning, the host copy and the writer start, plus waiting for the previous save if still in flight),
+``timing/step_with_save`` the step plus that.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 VARIANTS = {
@@ -40,6 +47,9 @@ VARIANTS = {
     # overlapped rollouts, one step off-policy, with truncated importance sampling (needs a separate engine)
     "papo_faithful_async": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=detached", "rollout.async_steps=1",
                             "algo.rollout_correction=tis"],
+    # a dist-checkpoint (model + optimizer) after every step: synchronous vs megatron-core async save
+    "papo_faithful_save_sync": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=detached"],
+    "papo_faithful_save_async": ["algo.kl_prcp_coef=0.02", "algo.aug_mode=detached", "checkpoint.async_save=true"],
 }
 SEPARATE = ["rollout.placement=separate", "rollout.transport=distributed"]
 DEFAULT_VARIANTS = ["grpo", "papo_faithful", "papo_live", "papo_exact_kl"]
@@ -82,13 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(1, args.steps + 1):
         for name, trainer in trainers.items():
             trainer.sync_weights()
-            rows[name].append(trainer.train_step(step))
+            metrics = trainer.train_step(step)
             trainer.step = step
+            if "_save_" in name:  # what Trainer.run does after a step with save_every=1
+                t0 = time.perf_counter()
+                if trainer.async_saves is not None:
+                    trainer.async_saves.poll()
+                trainer.save()
+                metrics["timing/save"] = time.perf_counter() - t0
+                metrics["timing/step_with_save"] = metrics["timing/step"] + metrics["timing/save"]
+            rows[name].append(metrics)
     out: dict[str, dict[str, float]] = {}
     for name, trainer in trainers.items():
         measured = rows[name][args.warmup:]
         keys = sorted(k for k in measured[0] if k.startswith("timing/"))
         out[name] = {k: statistics.median(r[k] for r in measured) for k in keys}
+        trainer.finish_writes()
         trainer.fleet.engines = {}  # shared: shut down once at the end
     if engine is not None:
         engine.shutdown()
@@ -102,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if k in out and faithful:
             for phase in ("timing/step", "timing/update", "timing/old_logprob"):
                 ratios[f"{k}/papo_faithful:{phase}"] = out[k][phase] / faithful[phase]
+    if "papo_faithful_save_sync" in out and "papo_faithful_save_async" in out:
+        for phase in ("timing/step_with_save", "timing/save"):
+            ratios[f"save_async/save_sync:{phase}"] = (out["papo_faithful_save_async"][phase]
+                                                       / out["papo_faithful_save_sync"][phase])
     load = os.getloadavg()
     print(json.dumps({"steps": args.steps, "warmup": args.warmup, "placement": "separate" if overlapped else "colocated",
                       "load_avg_before": [round(x, 1) for x in load_before],
