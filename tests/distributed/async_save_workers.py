@@ -74,7 +74,8 @@ def async_snapshot_while_training(root: str, distopt: bool = True) -> dict:
     """Train step 1, async-save it and wait (published). Train step 2; save it synchronously (``root/sync``) and
     asynchronously (``root/async``); while its writers run (not finalised: what a process killed now leaves), look
     at what a resume would see; train step 3; publish by polling. Then save step 3 synchronously and load the async
-    checkpoint of step 2 into a fresh model and optimizer. Returns what each rank saw."""
+    checkpoint of step 2 into a fresh model and optimizer. Last, an async save of step 3 is abandoned (``Trainer.close``
+    on an error path). Returns what each rank saw."""
     import torch.distributed as dist
 
     from megatron_papo.checkpoint.dist import AsyncSaves, find_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -110,5 +111,11 @@ def async_snapshot_while_training(root: str, distopt: bool = True) -> dict:
     _, chunks2, opt2 = _setup(distopt, reseed=False)
     got = load_checkpoint(latest_checkpoint(Path(root) / "async"), chunks2, opt2)
     restored = {"params": _max_diff(_params(chunks2), at_save), "optim": _max_diff(_optim_state(opt2), optim_at_save)}
+    dist.barrier()
+    # an error path (Trainer.close without run's wait): the save in flight is dropped, never published
+    save_checkpoint(aroot, 3, chunks, opt, trainer_state={"loader": {"pos": 3}}, async_saves=saves)
+    saves.abandon()
+    out["after_abandon"] = {"latest": (aroot / "latest").read_text(), "pending": saves.pending,
+                            "published": (aroot / "step_000003").exists()}
     dist.barrier()
     return {**out, "changed_by_step3": changed, "restored_max_diff": restored, "state": got}

@@ -6,6 +6,7 @@
 - While those writes run (scheduled, not finalised: what a process killed mid-write leaves on disk), ``latest`` still
   names the previous (async, published) checkpoint, which is what a resume picks; the ``.tmp_step_*`` directory has
   no manifest and is not resumable.
+- An abandoned save (``AsyncSaves.abandon``, ``Trainer.close`` on an error path) is never published.
 - The distributed optimizer saves and loads at DP=2 (``OPTIM_METADATA``: mcore 0.16.1's default sharding type
   fails to save), and a resumed Adam keeps its step count.
 """
@@ -57,9 +58,10 @@ def test_async_save_with_distributed_optimizer_equals_the_sync_save_of_that_step
         # the async checkpoint loads back to this rank's weights and optimizer shard at save time, exactly
         assert r["restored_max_diff"] == {"params": 0.0, "optim": 0.0}
         assert r["state"]["step"] == 2 and r["state"]["loader"] == {"pos": 2}
+        assert r["after_abandon"] == {"latest": "step_000002", "pending": None, "published": False}
     ckpt = tmp_path / "async" / "step_000002"
     assert validate_checkpoint(ckpt) is None and (ckpt / "manifest.json").is_file()
-    assert not list((tmp_path / "async").glob(".tmp_*"))
+    assert [p.name for p in (tmp_path / "async").glob(".tmp_*")] == [".tmp_step_000003"]  # the abandoned one only
     got = dcp_tensors(ckpt, tmp_path)
     want = dcp_tensors(tmp_path / "sync" / "step_000002", tmp_path)
     assert sorted(got) == sorted(want)
