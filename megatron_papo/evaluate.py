@@ -13,6 +13,9 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from megatron_papo.config.base import ConfigError
+from megatron_papo.utils.logging import get_logger
+
+log = get_logger("evaluate")
 
 
 def majority_baseline(answers: Sequence[str]) -> float:
@@ -45,6 +48,32 @@ def evaluate_dataset(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampl
             "questions": float(len(accs)), "n": float(n)}
 
 
+def evaluate_shortcut(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any],
+                      seed: int) -> dict[str, float]:
+    """The shortcut task's held-out metrics (data/synthetic.py): accuracy on the agree and conflict parts, how
+    often a conflict answer copies the hint, accuracy with every image blacked out on the same prompts
+    (``image_reliance`` = accuracy - that), and the majority and hint-following baselines."""
+    from megatron_papo.data.synthetic import PromptView, shortcut_parts, shortcut_summary
+
+    agree, conflict = shortcut_parts(dataset)
+    answers = dataset.answers()
+    kw = dict(n=n, sampling=sampling, seed=seed)
+    parts = {name: evaluate_dataset(engine, PromptView(dataset, idx, **opt), reward_fn, **kw) if idx else None
+             for name, idx, opt in (("agree", agree, {}), ("conflict", conflict, {}),
+                                    ("conflict_hint", conflict, {"answer_hint": True}),
+                                    ("blank", agree + conflict, {"blank": True}))}
+    res = shortcut_summary({k: (v["accuracy"], int(v["questions"])) if v else (0.0, 0) for k, v in parts.items()},
+                           answers=[answers[i] for i in agree + conflict])
+    res["format"] = sum(v["format"] * v["questions"] for k, v in parts.items() if v and k in ("agree", "conflict")) / max(
+        1, len(agree) + len(conflict))
+    res["n"] = float(n)
+    log.info("shortcut eval: accuracy %.3f (agree %.3f, conflict %.3f; conflict answers copying the hint %.3f), blank-image "
+             "accuracy %.3f, image reliance %+.3f | baselines: majority %.3f, hint-following %.3f (agree 1, conflict 0)",
+             res["accuracy"], res["accuracy_agree"], res["accuracy_conflict"], res["hint_follow_conflict"],
+             res["accuracy_masked"], res["image_reliance"], res["majority_baseline"], res["hint_baseline"])
+    return res
+
+
 def evaluate_split(engine: Any, cfg: Any, processor: Any, reward_fn: Any, n: int = 1) -> dict[str, float]:
     """The trainer's end-of-run evaluation on ``cfg.data.test`` with the rollout sampling settings."""
     from megatron_papo.data.dataset import load_prompt_dataset
@@ -54,6 +83,8 @@ def evaluate_split(engine: Any, cfg: Any, processor: Any, reward_fn: Any, n: int
     temperature = r.temperature if cfg.eval_temperature is None else cfg.eval_temperature
     sampling = {"temperature": temperature, "top_p": r.top_p, "top_k": r.top_k, "max_new_tokens": r.max_new_tokens}
     n = 1 if temperature == 0 else max(n, cfg.eval_n)  # greedy decoding has one answer per question
+    if cfg.data.test == "synthetic" and cfg.data.synthetic_task == "shortcut":
+        return evaluate_shortcut(engine, ds, reward_fn, n=n, sampling=sampling, seed=cfg.seed + 7919)
     return evaluate_dataset(engine, ds, reward_fn, n=n, sampling=sampling, seed=cfg.seed + 7919)
 
 
