@@ -144,3 +144,19 @@ def test_evaluate_shortcut_with_scripted_policies(shortcut_test_ds, mode):
     for k, v in want.items():
         assert res[k] == pytest.approx(v), k
     assert res["majority_baseline"] == pytest.approx(12 / 48) and res["hint_baseline"] == 0.5 and res["questions"] == 48
+
+
+def test_evaluate_split_routes_the_shortcut_task(tiny_model_dir):
+    """The trainer's end-of-run path: ``data.synthetic_task=shortcut`` gives the shortcut metrics, colour does not."""
+    from transformers import AutoProcessor
+
+    from megatron_papo.config import load_config
+    from megatron_papo.evaluate import evaluate_split
+
+    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    reward = get_reward_fn("synthetic")
+    cfg = load_config("tiny_cpu", ["data.synthetic_task=shortcut", "data.synthetic_test_size=16"])
+    res = evaluate_split(_ScriptedEngine("image"), cfg, proc, reward)
+    assert res["accuracy_conflict"] == 1.0 and res["questions"] == 16 and res["hint_baseline"] == 0.5
+    res = evaluate_split(_ScriptedEngine("image"), load_config("tiny_cpu", ["data.synthetic_test_size=16"]), proc, reward)
+    assert res["accuracy"] == 1.0 and "accuracy_conflict" not in res

@@ -67,6 +67,20 @@ def command(task: str, variant: str, seed: int, steps: int, rdir: Path, extra: l
             "checkpoint.resume=never", "checkpoint.save_every=0", *VARIANTS[variant], *extra]
 
 
+def warm_start(out: Path, task: str, steps: int, seed: int, extra: list[str]) -> str:
+    """Train (once; reused when present) the shared starting point: GRPO for ``steps`` steps with ``seed``.
+    Returns the ``checkpoint.init_from`` override that starts every compared run from its final checkpoint."""
+    rdir = out / f"{task}_warm{steps}_s{seed}"
+    ckpt = rdir / "checkpoints" / f"step_{steps:06d}"
+    if not ckpt.is_dir():
+        cmd = command(task, "grpo", seed, steps, rdir, extra)
+        print("warm start:", " ".join(cmd[1:]), flush=True)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0 or not ckpt.is_dir():
+            raise SystemExit(f"warm start failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return f"checkpoint.init_from={ckpt}"
+
+
 def finished(rdir: Path) -> bool:
     path = rdir / "metrics.jsonl"
     return path.is_file() and any('"eval/final": 1.0' in line for line in path.read_text().splitlines())
@@ -168,9 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "learning"))
     p.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of training them again")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs found")
+    p.add_argument("--warm-steps", type=int, default=0,
+                   help="start every run from the final checkpoint of one GRPO run of this many steps (0 = from scratch)")
+    p.add_argument("--warm-seed", type=int, default=1, help="seed of the warm-start run (use compared seeds other than it)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.warm_steps and not args.report_only:
+        args.overrides = [*args.overrides, warm_start(out, args.task, args.warm_steps, args.warm_seed, args.overrides)]
     results = []
     for v in args.variants:  # variant-major, one run at a time
         for s in args.seeds:
