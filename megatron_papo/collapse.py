@@ -136,6 +136,13 @@ def read_metrics(path: Union[str, Path]) -> list[dict]:
     return sorted(train, key=lambda r: r["step"])
 
 
+def trim(rows: Iterable[Mapping[str, float]], digits: int = 5) -> list[dict]:
+    """Rows cut to what :func:`replay` reads (``step`` and :data:`KEYS`, plus ``reward/accuracy`` for the reader),
+    values rounded to ``digits`` significant digits: a small trace to check in (tests/data/)."""
+    keep = ("step", *KEYS, "reward/accuracy")
+    return [{k: (float(f"{r[k]:.{digits}g}") if k != "step" else int(r[k])) for k in keep if k in r} for r in rows]
+
+
 def replay(rows: Iterable[Mapping[str, float]], **kwargs: float) -> list[CollapseWarning]:
     """Run a fresh detector over recorded per-step metric rows (``step`` key optional); all warnings."""
     det = CollapseDetector(**kwargs)

@@ -35,6 +35,7 @@ class DataConfig:
         "with probability synthetic_hint_p on train; test = agree + conflict parts), see data/synthetic.py")
     synthetic_hint_p: float = field(0.75, help="shortcut task: fraction of train rows whose hint is the right colour")
     synthetic_test_conflict: float = field(0.5, help="shortcut task: fraction of test rows whose hint is a wrong colour")
+    synthetic_hint_repeat: int = field(1, help="shortcut task: times the hint word is written ('Hint: red red.'); louder shortcut")
     prompt_key: str = field("problem", help="column with the question; '<image>' marks image positions")
     answer_key: str = field("answer", help="column with the ground-truth answer")
     image_key: str = field("images", help="column with the list of images (PIL, {bytes,path} dicts, paths or bytes)")
@@ -57,6 +58,8 @@ class DataConfig:
         for name in ("synthetic_hint_p", "synthetic_test_conflict"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"data.{name}: got {getattr(self, name)}, expected a fraction in [0, 1]")
+        if self.synthetic_hint_repeat < 1:
+            raise ConfigError(f"data.synthetic_hint_repeat: got {self.synthetic_hint_repeat}, expected >= 1")
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ConfigError(f"data.mask_prob: got {self.mask_prob}, expected a probability in [0, 1]")
         if self.mask_size < 1:

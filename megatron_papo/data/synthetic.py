@@ -55,7 +55,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "circle", "triangle")
 QUESTION = "<image>What colour is the shape?"
 HINT_QUESTION = "<image>Hint: {hint}. What colour is the shape?"
-_HINT_RE = re.compile(r"Hint: ([a-z]+)\. ")
+_HINT_RE = re.compile(r"Hint: ([a-z]+)(?: \1)*\. ")
 _SPLIT_ID = {"train": 0, "test": 1}
 TASKS = ("colour", "shortcut")
 
@@ -118,12 +118,15 @@ def synthetic_rows(n: int, seed: int, image_size: int = 56, split: str = "train"
 
 
 def shortcut_rows(n: int, seed: int, image_size: int = 56, split: str = "train", hint_p: float = 0.75,
-                  conflict: float = 0.5) -> list[dict]:
+                  conflict: float = 0.5, hint_repeat: int = 1) -> list[dict]:
     """Rows of the hinted task: ``{problem, images, answer, shape, hint, agrees}`` (see module docstring).
 
     Train: the hint is right on exactly ``round(hint_p * n)`` rows; test: wrong on exactly ``round(conflict * n)``.
     Classes are balanced (counts differ by at most one) and agreement is spread evenly over them.
+    ``hint_repeat`` writes the hint word that many times (``"Hint: red red red."``): a louder shortcut.
     """
+    if hint_repeat < 1:
+        raise ValueError(f"shortcut task: hint_repeat must be >= 1, got {hint_repeat}")
     _check_args(n, image_size, split)
     p_agree = hint_p if split == "train" else 1.0 - conflict
     if not 0.0 <= p_agree <= 1.0:
@@ -142,7 +145,7 @@ def shortcut_rows(n: int, seed: int, image_size: int = 56, split: str = "train",
     names = list(COLOURS)
     for row, label, off in zip(rows, labels, offsets):
         hint = names[(int(label) + int(off)) % k]
-        row.update(problem=HINT_QUESTION.format(hint=hint), hint=hint, agrees=bool(off == 0))
+        row.update(problem=HINT_QUESTION.format(hint=" ".join([hint] * hint_repeat)), hint=hint, agrees=bool(off == 0))
     return rows
 
 
@@ -208,23 +211,23 @@ def shortcut_summary(parts: dict[str, tuple[float, int]], answers: Sequence[str]
 
 
 def task_rows(n: int, seed: int, image_size: int = 56, split: str = "train", task: str = "colour",
-              hint_p: float = 0.75, conflict: float = 0.5) -> list[dict]:
+              hint_p: float = 0.75, conflict: float = 0.5, hint_repeat: int = 1) -> list[dict]:
     """Rows of the named synthetic ``task`` (``colour`` or ``shortcut``)."""
     if task == "colour":
         return synthetic_rows(n, seed, image_size, split)
     if task == "shortcut":
-        return shortcut_rows(n, seed, image_size, split, hint_p=hint_p, conflict=conflict)
+        return shortcut_rows(n, seed, image_size, split, hint_p=hint_p, conflict=conflict, hint_repeat=hint_repeat)
     raise ValueError(f"unknown synthetic task '{task}'; known: {', '.join(TASKS)}")
 
 
 def build_synthetic_dataset(n: int, seed: int, image_size: int = 56, split: str = "train", task: str = "colour",
-                            hint_p: float = 0.75, conflict: float = 0.5):
+                            hint_p: float = 0.75, conflict: float = 0.5, hint_repeat: int = 1):
     """A ``datasets.Dataset`` with columns ``problem``, ``images`` (list of Image), ``answer``, ``shape``
     (the shortcut task adds ``hint`` and ``agrees``)."""
     from datasets import Dataset, Features, List, Value
     from datasets import Image as HFImage
 
-    rows = task_rows(n, seed, image_size, split, task, hint_p, conflict)
+    rows = task_rows(n, seed, image_size, split, task, hint_p, conflict, hint_repeat)
     cols = {"problem": Value("string"), "images": List(HFImage()), "answer": Value("string"), "shape": Value("string")}
     if task == "shortcut":
         cols |= {"hint": Value("string"), "agrees": Value("bool")}

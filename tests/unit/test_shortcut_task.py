@@ -38,10 +38,10 @@ def _drawn_colour(img) -> str:
     return present[0]
 
 
-@pytest.mark.parametrize("split,n,hint_p,conflict", [("train", 2048, 0.75, 0.5), ("train", 402, 0.6, 0.5),
-                                                     ("test", 256, 0.75, 0.5), ("test", 301, 0.75, 0.3)])
-def test_balanced_and_agreement_at_stated_rate(split, n, hint_p, conflict):
-    rows = shortcut_rows(n, 3, split=split, hint_p=hint_p, conflict=conflict)
+@pytest.mark.parametrize("split,n,hint_p,conflict,repeat", [("train", 2048, 0.75, 0.5, 1), ("train", 402, 0.6, 0.5, 4),
+                                                            ("test", 256, 0.75, 0.5, 4), ("test", 301, 0.75, 0.3, 1)])
+def test_balanced_and_agreement_at_stated_rate(split, n, hint_p, conflict, repeat):
+    rows = shortcut_rows(n, 3, split=split, hint_p=hint_p, conflict=conflict, hint_repeat=repeat)
     agree_rate = hint_p if split == "train" else 1 - conflict
     n_agree = sum(r["hint"] == r["answer"] for r in rows)
     assert n_agree == round(agree_rate * n)
@@ -56,7 +56,8 @@ def test_balanced_and_agreement_at_stated_rate(split, n, hint_p, conflict):
     hints = Counter(r["hint"] for r in rows)  # agree and conflict parts each off by at most one per colour
     assert max(hints.values()) - min(hints.values()) <= (1 if n % 12 == 0 else 2)
     for r in rows[:40]:
-        assert r["problem"] == HINT_QUESTION.format(hint=r["hint"]) and parse_hint(r["problem"]) == r["hint"]
+        assert r["problem"] == HINT_QUESTION.format(hint=" ".join([r["hint"]] * repeat))
+        assert parse_hint(r["problem"]) == r["hint"]
         assert _drawn_colour(r["images"][0]) == r["answer"]  # the image shows the answer, whatever the hint says
 
 
@@ -69,6 +70,7 @@ def test_deterministic_and_train_test_prompts_disjoint():
     assert not {_digest(r["images"][0]) for r in train} & {_digest(r["images"][0]) for r in test}
     assert not {(_digest(r["images"][0]), r["problem"]) for r in train} & {(_digest(r["images"][0]), r["problem"]) for r in test}
     assert parse_hint(synthetic_rows(1, 1)[0]["problem"]) is None  # the colour task has no hint
+    assert parse_hint("<image>Hint: red blue. What colour is the shape?") is None  # repeats must agree
 
 
 def test_hint_following_oracle_scores_p_train_and_zero_on_conflict():

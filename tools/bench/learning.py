@@ -1,7 +1,8 @@
 """GRPO vs PAPO variants on the synthetic tasks, same seeds, reported as mean +- std over seeds.
 
 Runs ``megatron-papo train --config tiny_cpu`` once per (variant, seed), one run at a time, each in
-``OUT/<task>_<variant>_s<seed>`` (``--reuse`` reads a finished run instead of training it again), then prints
+``OUT/<task>_<variant>_s<seed>`` (``--reuse`` reads a run finished at ``--steps`` instead of training it again; a
+run finished at fewer steps resumes from its final checkpoint, which repeats an uninterrupted run), then prints
 
 - one row per run: the final held-out metrics, the train reward, the KL_prcp and entropy trajectory
   (mean of the first / last 10 steps, max) and the collapse warnings replayed on its metrics;
@@ -35,6 +36,7 @@ from megatron_papo.collapse import read_metrics, replay  # noqa: E402
 G = "algo.kl_prcp_coef"
 VARIANTS: dict[str, list[str]] = {
     "grpo": [f"{G}=0.0"],
+    "grpo_monitor": [f"{G}=1e-9"],  # GRPO in effect, but the masked view is run so KL_prcp is measured
     "papo": [],  # the tiny_cpu recipe: gamma 0.005, k3_sampled, detached masked view, 14-px squares p=0.6
     "papo_g001": [f"{G}=0.001"],
     "papo_g02": [f"{G}=0.02"],  # the paper's 3B gamma
@@ -64,7 +66,7 @@ def command(task: str, variant: str, seed: int, steps: int, rdir: Path, extra: l
     """The exact training command of one run."""
     return [sys.executable, "-m", "megatron_papo.cli", "train", "--config", "tiny_cpu", f"run_dir={rdir}", f"seed={seed}",
             f"data.seed={seed}", f"total_steps={steps}", f"data.synthetic_task={task}", "logging.progress=false",
-            "checkpoint.resume=never", "checkpoint.save_every=0", *VARIANTS[variant], *extra]
+            "checkpoint.resume=auto", "checkpoint.save_every=0", *VARIANTS[variant], *extra]
 
 
 def warm_start(out: Path, task: str, steps: int, seed: int, extra: list[str]) -> str:
@@ -81,9 +83,13 @@ def warm_start(out: Path, task: str, steps: int, seed: int, extra: list[str]) ->
     return f"checkpoint.init_from={ckpt}"
 
 
-def finished(rdir: Path) -> bool:
+def finished(rdir: Path, steps: int) -> bool:
+    """The run reached ``steps`` and evaluated there (a shorter finished run is extended: it resumes from its checkpoint)."""
     path = rdir / "metrics.jsonl"
-    return path.is_file() and any('"eval/final": 1.0' in line for line in path.read_text().splitlines())
+    if not path.is_file():
+        return False
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return any(r.get("eval/final") == 1.0 and r.get("step") == steps for r in rows)
 
 
 def _window(xs: list[float], first: bool, k: int = 10) -> float:
@@ -94,7 +100,7 @@ def _window(xs: list[float], first: bool, k: int = 10) -> float:
 def summarise(rdir: Path, variant: str, seed: int) -> dict:
     """The final eval metrics and the training trajectory summary of a finished run."""
     rows = [json.loads(x) for x in (rdir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    ev = [r for r in rows if r.get("eval/final") == 1.0][-1]
+    ev = [r for r in rows if r.get("eval/final") == 1.0][-1]  # the last: an extended run evaluated again
     train = read_metrics(rdir / "metrics.jsonl")
     kl = [r["kl/prcp"] for r in train if "kl/prcp" in r]
     h = [r["entropy/ori"] for r in train if "entropy/ori" in r]
@@ -185,16 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-steps", type=int, default=0,
                    help="start every run from the final checkpoint of one GRPO run of this many steps (0 = from scratch)")
     p.add_argument("--warm-seed", type=int, default=1, help="seed of the warm-start run (use compared seeds other than it)")
+    p.add_argument("--eval-n", type=int, default=8,
+                   help="held-out metrics as avg@N at temperature 1 (the paper's protocol is avg@8); 0 = greedy (tiny_cpu)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.eval_n:
+        args.overrides = ["eval_temperature=1.0", f"eval_n={args.eval_n}", *args.overrides]
     if args.warm_steps and not args.report_only:
         args.overrides = [*args.overrides, warm_start(out, args.task, args.warm_steps, args.warm_seed, args.overrides)]
     results = []
     for v in args.variants:  # variant-major, one run at a time
         for s in args.seeds:
             rdir = run_dir(out, args.task, v, s)
-            if not ((args.reuse or args.report_only) and finished(rdir)):
+            if not ((args.reuse or args.report_only) and finished(rdir, args.steps)):
                 if args.report_only:
                     continue
                 cmd = command(args.task, v, s, args.steps, rdir, args.overrides)
