@@ -6,10 +6,13 @@ Two signatures, each a :class:`CollapseWarning` naming the metric that tripped i
   ``jump_window`` steps while both entropies (``entropy/ori``, ``entropy/aug``) and the clip-high fraction
   (``clipfrac/high``) rise above their means. The paper counters it with the entropy loss and a lower gamma.
 - ``kl_runaway`` (what the tiny CPU runs show): ``kl/prcp`` grows for many steps while ``entropy/ori`` falls.
-  The mean KL_prcp of the last ``runaway_window`` steps is at least ``runaway_growth`` x the mean of the window
-  before it and at least ``runaway_min_kl`` nats/token, and the entropy's window mean fell, on ``runaway_patience``
-  consecutive steps. Entropy terms do not help here (they minimise entropy, which is already falling): lower
-  gamma, cap the per-token KL (``algo.kl_prcp_clip``) or anneal gamma.
+  The mean KL_prcp of the last ``runaway_window`` steps is at least ``runaway_growth`` x the mean of the same-size
+  window ``runaway_lag`` steps earlier and at least ``runaway_min_kl`` nats/token, and the entropy's mean fell
+  between the two windows, on ``runaway_patience`` consecutive steps. Entropy terms do not help here (they
+  minimise entropy, which is already falling): lower gamma, cap the per-token KL (``algo.kl_prcp_clip``) or
+  anneal gamma. Caveat, measured on the shortcut task (README): a run with ``algo.kl_prcp_coef=1e-9`` (GRPO's
+  dynamics, KL_prcp measured but not optimised) shows the same growth and trips this warning too, so there the
+  growth comes with the policy sharpening, not from the PAPO term; the warning says how to check that.
 
 A signature warns once when it first holds and re-arms after it has been clear for a whole window.
 Runs without PAPO log no ``kl/prcp``; both signatures stay silent there. :func:`replay` runs the detector over
@@ -49,13 +52,14 @@ def _mean(xs: list[float]) -> float:
 class CollapseDetector:
     """Feed it every step's metrics (:meth:`update`); it returns the warnings that fire at that step."""
 
-    def __init__(self, *, jump_window: int = 10, jump: float = 3.0, runaway_window: int = 15,
-                 runaway_growth: float = 2.0, runaway_min_kl: float = 0.2, runaway_patience: int = 5) -> None:
-        if jump_window < 3 or runaway_window < 2 or runaway_patience < 1 or jump <= 1 or runaway_growth <= 1:
-            raise ValueError("CollapseDetector: need jump_window >= 3, runaway_window >= 2, runaway_patience >= 1, "
-                             "jump > 1 and runaway_growth > 1")
+    def __init__(self, *, jump_window: int = 10, jump: float = 3.0, runaway_window: int = 10, runaway_lag: int = 30,
+                 runaway_growth: float = 3.0, runaway_min_kl: float = 0.3, runaway_patience: int = 5) -> None:
+        if (jump_window < 3 or runaway_window < 2 or runaway_lag < runaway_window or runaway_patience < 1 or jump <= 1
+                or runaway_growth <= 1):
+            raise ValueError("CollapseDetector: need jump_window >= 3, runaway_window >= 2, runaway_lag >= runaway_window, "
+                             "runaway_patience >= 1, jump > 1 and runaway_growth > 1")
         self.jump_window, self.jump = jump_window, jump
-        self.runaway_window, self.runaway_growth = runaway_window, runaway_growth
+        self.runaway_window, self.runaway_lag, self.runaway_growth = runaway_window, runaway_lag, runaway_growth
         self.runaway_min_kl, self.runaway_patience = runaway_min_kl, runaway_patience
         self.hist: list[dict[str, float]] = []
         self._streak = {"kl_jump": 0, "kl_runaway": 0}
@@ -74,7 +78,7 @@ class CollapseDetector:
             warning = self._debounce(name, hit)
             if warning is not None:
                 out.append(warning)
-        self.hist = (self.hist + [cur])[-max(self.jump_window, 2 * self.runaway_window):]
+        self.hist = (self.hist + [cur])[-max(self.jump_window, self.runaway_lag + self.runaway_window):]
         return out
 
     def _debounce(self, name: str, hit: Optional[CollapseWarning]) -> Optional[CollapseWarning]:
@@ -107,11 +111,11 @@ class CollapseDetector:
             f"last {len(hist)} steps while entropy/ori, entropy/aug and clipfrac/high rise (KL_prcp hacking, papo_spec §9)")
 
     def _runaway(self, cur: dict[str, float]) -> Optional[CollapseWarning]:
-        w = self.runaway_window
-        series = self.hist[-(2 * w - 1):] + [cur]
-        if len(series) < 2 * w:
+        w, lag = self.runaway_window, self.runaway_lag
+        series = self.hist[-(lag + w - 1):] + [cur]
+        if len(series) < lag + w:
             return None
-        old, new = series[:w], series[w:]
+        old, new = series[:w], series[-w:]
         kl_old, kl_new = _mean([h["kl/prcp"] for h in old]), _mean([h["kl/prcp"] for h in new])
         h_old, h_new = _mean([h["entropy/ori"] for h in old]), _mean([h["entropy/ori"] for h in new])
         if not (kl_new >= self.runaway_min_kl and kl_new >= self.runaway_growth * max(kl_old, 1e-12) and h_new < h_old):
@@ -120,9 +124,9 @@ class CollapseDetector:
             self._step, "kl_runaway", "kl/prcp",
             "a lower algo.kl_prcp_coef, algo.kl_prcp_clip (cap per-token KL_prcp) or algo.kl_prcp_schedule=annealing "
             "(not the entropy terms: entropy is already falling)",
-            f"kl/prcp mean {kl_new:.3g} over the last {w} steps is {kl_new / max(kl_old, 1e-12):.1f}x the {kl_old:.3g} of the "
-            f"{w} before while entropy/ori fell {h_old:.3g} -> {h_new:.3g} (the policy maximises KL_prcp instead of "
-            "reading the image)")
+            f"kl/prcp mean {kl_new:.3g} over the last {w} steps is {kl_new / max(kl_old, 1e-12):.1f}x its {kl_old:.3g} "
+            f"{lag} steps earlier while entropy/ori fell {h_old:.3g} -> {h_new:.3g} (a rerun with algo.kl_prcp_coef=1e-9 "
+            "measures KL_prcp without optimising it: if it grows there too, the policy's sharpening drives it, not PAPO)")
 
 
 def _finite(x: object) -> bool:
