@@ -124,13 +124,41 @@ def load_benchmarks(benchmarks: Sequence[Benchmark], data_cfg: Any, processor: A
     return {b.name: load_prompt_dataset(b.source, data_cfg, processor, which(b)) for b in benchmarks}
 
 
+def evaluate_shortcut(engine: Any, dataset: Any, reward_fn: Any, *, n: int, sampling: dict[str, Any],
+                      seed: int) -> dict[str, float]:
+    """The shortcut task's held-out metrics (data/synthetic.py): accuracy on the agree and conflict parts, how
+    often a conflict answer copies the hint, accuracy with every image blacked out on the same prompts
+    (``image_reliance`` = accuracy - that), and the majority and hint-following baselines."""
+    from megatron_papo.data.synthetic import PromptView, shortcut_parts, shortcut_summary
+
+    agree, conflict = shortcut_parts(dataset)
+    answers = dataset.answers()
+    kw = dict(n=n, sampling=sampling, seed=seed)
+    parts = {name: evaluate_dataset(engine, PromptView(dataset, idx, **opt), reward_fn, **kw) if idx else None
+             for name, idx, opt in (("agree", agree, {}), ("conflict", conflict, {}),
+                                    ("conflict_hint", conflict, {"answer_hint": True}),
+                                    ("blank", agree + conflict, {"blank": True}))}
+    res = shortcut_summary({k: (v["accuracy"], int(v["questions"])) if v else (0.0, 0) for k, v in parts.items()},
+                           answers=[answers[i] for i in agree + conflict])
+    res["format"] = sum(v["format"] * v["questions"] for k, v in parts.items() if v and k in ("agree", "conflict")) / max(
+        1, len(agree) + len(conflict))
+    res["n"] = float(n)
+    log.info("shortcut eval: accuracy %.3f (agree %.3f, conflict %.3f; conflict answers copying the hint %.3f), blank-image "
+             "accuracy %.3f, image reliance %+.3f | baselines: majority %.3f, hint-following %.3f (agree 1, conflict 0)",
+             res["accuracy"], res["accuracy_agree"], res["accuracy_conflict"], res["hint_follow_conflict"],
+             res["accuracy_masked"], res["image_reliance"], res["majority_baseline"], res["hint_baseline"])
+    return res
+
+
 def evaluate_benchmarks(engine: Any, datasets: dict[str, Any], reward_fn: Any, *, n: int, sampling: dict[str, Any],
-                        seed: int) -> dict[str, dict[str, float]]:
-    """avg@n per benchmark (one :func:`evaluate_dataset` each), plus ``macro`` when there are several.
+                        seed: int, shortcut: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """avg@n per benchmark (one :func:`evaluate_dataset` each), plus ``macro`` when there are several. The
+    benchmarks named in ``shortcut`` (the synthetic shortcut task) get :func:`evaluate_shortcut`'s metrics.
 
     The one code path of ``megatron-papo eval`` and in-training validation (:class:`Validator`).
     """
-    results = {name: evaluate_dataset(engine, ds, reward_fn, n=n, sampling=sampling, seed=seed)
+    results = {name: (evaluate_shortcut if name in shortcut else evaluate_dataset)(engine, ds, reward_fn, n=n,
+                                                                                    sampling=sampling, seed=seed)
                for name, ds in datasets.items()}
     if len(results) > 1:
         results["macro"] = macro_average(results)
@@ -180,8 +208,14 @@ class Validator:
             self._datasets = load_benchmarks(self.benchmarks, self.cfg.data, self.processor)
         sampling, n = self.sampling()
         res = evaluate_benchmarks(engine, self._datasets, self.reward_fn, n=n, sampling=sampling,
-                                  seed=self.cfg.seed + 7919)
+                                  seed=self.cfg.seed + 7919, shortcut=self.shortcut_benchmarks())
         return self.record(step, res, final)
+
+    def shortcut_benchmarks(self) -> list[str]:
+        """The benchmarks on the synthetic source when it is the shortcut task (``data.synthetic_task``)."""
+        if self.cfg.data.synthetic_task != "shortcut":
+            return []
+        return [b.name for b in self.benchmarks if b.source == "synthetic"]
 
     def record(self, step: int, res: dict[str, dict[str, float]], final: bool = False) -> dict[str, float]:
         """Metrics of one evaluation (per benchmark, macro, best so far); logs one line."""
@@ -190,8 +224,10 @@ class Validator:
             self.best_accuracy, self.best_step = macro["accuracy"], step
         out = {f"eval/{k}": macro[k] for k in ("accuracy", "format", "majority_baseline")}
         for name, r in res.items():
-            if name != "macro":
-                out.update({f"eval/{name}/{k}": r[k] for k in ("accuracy", "format", "majority_baseline", "questions")})
+            if name != "macro":  # every metric of the benchmark (the shortcut task adds its parts and baselines)
+                out.update({f"eval/{name}/{k}": v for k, v in r.items() if k != "n"})
+        if len(res) == 1:  # one benchmark: its extra metrics at the top level too (eval/accuracy_conflict ...)
+            out.update({f"eval/{k}": v for k, v in macro.items() if k not in ("n", "questions")})
         out.update({"eval/best_accuracy": self.best_accuracy, "eval/best_step": float(self.best_step),
                     "eval/final": float(final)})
         per = ", ".join(f"{name} {r['accuracy']:.3f}" for name, r in res.items() if name != "macro")

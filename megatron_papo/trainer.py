@@ -28,6 +28,7 @@ from megatron_papo.algos import LossSpec, compute_advantages
 from megatron_papo.algos.dapo import apply_overlong_penalty, fill_batch, group_mean, keep_group
 from megatron_papo.checkpoint.dist import AsyncSaves, clean_stale, find_resumable, load_checkpoint, save_checkpoint
 from megatron_papo.checkpoint.hf_export import HFExports
+from megatron_papo.collapse import CollapseDetector
 from megatron_papo.config import Config
 from megatron_papo.data.collate import collate_rollouts, repeat_interleave
 from megatron_papo.data.dataset import PromptLoader, load_prompt_dataset
@@ -487,8 +488,8 @@ class Trainer:
             if self.async_saves is not None:
                 self.async_saves.poll()  # publishes the previous save once every rank's files are written
             if self.is_rank0:
-                for msg in warn.update(metrics):
-                    log.warning("step %d: %s", step, msg)
+                for w in warn.update(metrics, step):
+                    log.warning("step %d: possible PAPO collapse: %s", step, w)
                 self.metrics.write(step, metrics)
                 log.info(_summary(step, cfg.total_steps, metrics))
             self.skip_guard.update(step, self.skipped_updates - skipped_before, metrics.get("grad_norm", float("nan")))
@@ -555,25 +556,3 @@ def _summary(step: int, total: int, m: dict[str, float]) -> str:
             ("timing/step", "s")]
     parts = [f"{short}={m[k]:.4g}" for k, short in keys if k in m and isinstance(m[k], (int, float)) and math.isfinite(m[k])]
     return f"step {step}/{total} " + " ".join(parts)
-
-
-class CollapseDetector:
-    """Warns on PAPO's KL_prcp-hacking signature (papo_spec §9): KL_prcp jumps while both entropies and the
-    clip-high fraction rise. Compares each step with the running mean of the previous ones."""
-
-    def __init__(self, window: int = 10, jump: float = 3.0) -> None:
-        self.window, self.jump = window, jump
-        self.hist: list[dict[str, float]] = []
-
-    def update(self, m: dict[str, float]) -> list[str]:
-        keys = ("kl/prcp", "entropy/ori", "entropy/aug", "clipfrac/high")
-        cur = {k: float(m.get(k, 0.0)) for k in keys}
-        msgs = []
-        if len(self.hist) >= 3:
-            base = {k: sum(h[k] for h in self.hist) / len(self.hist) for k in keys}
-            if (base["kl/prcp"] > 0 and cur["kl/prcp"] > self.jump * base["kl/prcp"] and cur["entropy/ori"] > base["entropy/ori"]
-                    and cur["entropy/aug"] > base["entropy/aug"] and cur["clipfrac/high"] > base["clipfrac/high"]):
-                msgs.append(f"possible KL_prcp hacking: kl_prcp {cur['kl/prcp']:.3g} vs mean {base['kl/prcp']:.3g}, "
-                            "entropies and clip-high fraction rising; consider a lower algo.kl_prcp_coef or entropy terms")
-        self.hist = (self.hist + [cur])[-self.window:]
-        return msgs

@@ -30,6 +30,12 @@ class DataConfig:
     synthetic_train_size: int = field(2048, help="rows in the synthetic train split")
     synthetic_test_size: int = field(256, help="rows in the synthetic test split")
     synthetic_image_size: int = field(56, help="side of the synthetic task's square images (px); 56 -> 4 image tokens")
+    synthetic_task: Literal["colour", "shortcut"] = field(
+        "colour", help="colour: 'What colour is the shape?'; shortcut: the question also carries a colour hint (right "
+        "with probability synthetic_hint_p on train; test = agree + conflict parts), see data/synthetic.py")
+    synthetic_hint_p: float = field(0.75, help="shortcut task: fraction of train rows whose hint is the right colour")
+    synthetic_test_conflict: float = field(0.5, help="shortcut task: fraction of test rows whose hint is a wrong colour")
+    synthetic_hint_repeat: int = field(1, help="shortcut task: times the hint word is written ('Hint: red red.'); louder shortcut")
     prompt_key: str = field("problem", help="column with the question; '<image>' marks image positions")
     answer_key: str = field("answer", help="column with the ground-truth answer")
     image_key: str = field("images", help="column with the list of images (PIL, {bytes,path} dicts, paths or bytes)")
@@ -54,6 +60,11 @@ class DataConfig:
     seed: int = field(1, help="data order, synthetic generation and masking seed")
 
     def __post_init__(self) -> None:
+        for name in ("synthetic_hint_p", "synthetic_test_conflict"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.{name}: got {getattr(self, name)}, expected a fraction in [0, 1]")
+        if self.synthetic_hint_repeat < 1:
+            raise ConfigError(f"data.synthetic_hint_repeat: got {self.synthetic_hint_repeat}, expected >= 1")
         if not 0.0 <= self.mask_prob <= 1.0:
             raise ConfigError(f"data.mask_prob: got {self.mask_prob}, expected a probability in [0, 1]")
         if self.mask_size < 1:

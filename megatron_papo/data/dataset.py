@@ -94,7 +94,9 @@ def _load_table(source: str, cfg: DataConfig, split: str) -> tuple[Any, Optional
         n = cfg.synthetic_train_size if split == "train" else cfg.synthetic_test_size
         if n < 1:
             raise DataError(f"data source 'synthetic' split {split} has 0 rows (data.synthetic_{split}_size={n}); set it >= 1")
-        return build_synthetic_dataset(n, cfg.seed, cfg.synthetic_image_size, split), None, {}
+        return build_synthetic_dataset(n, cfg.seed, cfg.synthetic_image_size, split, task=cfg.synthetic_task,
+                                       hint_p=cfg.synthetic_hint_p, conflict=cfg.synthetic_test_conflict,
+                                       hint_repeat=cfg.synthetic_hint_repeat), None, {}
     path = Path(source)
     if path.is_dir():
         try:

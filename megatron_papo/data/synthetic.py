@@ -20,17 +20,28 @@ x 8 samples, Adam, 1 new token, greedy held-out accuracy on 256 test rows, major
 0.50 at step 300 (seed 0), 0.46 at step 200 and 0.50 at step 400 (seed 1); lr 1e-3 collapsed to one colour (0.25) with
 1 or 2 new tokens. A linear probe on the random-init model's last hidden state reads the colour at 0.99,
 so the image carries the signal; the failure mode is entropy collapse, not the data.
+
+The ``shortcut`` variant (``data.synthetic_task=shortcut``, :func:`shortcut_rows`) tests PAPO's claim that it
+makes the policy rely on the image when the text offers a shortcut: the same images, but the question
+carries a textual hint, ``"<image>Hint: red. What colour is the shape?"``. On the train split the hint is
+the right colour on exactly ``round(hint_p * n)`` rows (spread evenly over the classes); on the test split
+on exactly ``n - round(conflict * n)`` rows (the *agree* part) and a wrong colour on the rest (the
+*conflict* part; wrong hints cycle over the three other colours). A policy that copies the hint scores
+``hint_p`` on train, 1 on agree and 0 on conflict; only the image answers the conflict part. The hint
+word is the same token as the answer (``" red"`` tokenises as ``" "`` + ``"red"``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -43,7 +54,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("square", "circle", "triangle")
 QUESTION = "<image>What colour is the shape?"
+HINT_QUESTION = "<image>Hint: {hint}. What colour is the shape?"
+_HINT_RE = re.compile(r"Hint: ([a-z]+)(?: \1)*\. ")
 _SPLIT_ID = {"train": 0, "test": 1}
+TASKS = ("colour", "shortcut")
 
 
 def _params_parity(params: tuple) -> int:
@@ -67,16 +81,9 @@ def draw_shape(image_size: int, colour: str, shape: str, x: int, y: int, side: i
     return img
 
 
-def synthetic_rows(n: int, seed: int, image_size: int = 56, split: str = "train") -> list[dict]:
-    """The ``n`` rows of a split as dicts ``{problem, images: [PIL], answer, shape}`` (deterministic)."""
-    if split not in _SPLIT_ID:
-        raise ValueError(f"synthetic split '{split}' unknown; known: {', '.join(_SPLIT_ID)}")
-    if n < 1 or image_size < 16:
-        raise ValueError(f"synthetic task: need n >= 1 and image_size >= 16, got n={n} image_size={image_size}")
-    rng = np.random.default_rng([int(seed), _SPLIT_ID[split]])
+def _draw_rows(labels: np.ndarray, rng: np.random.Generator, image_size: int, split: str) -> list[dict]:
+    """One image row per label (colour index), drawn from ``rng``, kept only if its parameters hash to ``split``."""
     names = list(COLOURS)
-    labels = np.tile(np.arange(len(names)), -(-n // len(names)))[:n]
-    rng.shuffle(labels)
     lo_side, hi_side = max(4, round(0.35 * image_size)), max(5, round(0.70 * image_size))
     rows = []
     for label in labels:
@@ -94,14 +101,137 @@ def synthetic_rows(n: int, seed: int, image_size: int = 56, split: str = "train"
     return rows
 
 
-def build_synthetic_dataset(n: int, seed: int, image_size: int = 56, split: str = "train"):
-    """A ``datasets.Dataset`` with columns ``problem``, ``images`` (list of Image), ``answer``, ``shape``."""
+def _check_args(n: int, image_size: int, split: str) -> None:
+    if split not in _SPLIT_ID:
+        raise ValueError(f"synthetic split '{split}' unknown; known: {', '.join(_SPLIT_ID)}")
+    if n < 1 or image_size < 16:
+        raise ValueError(f"synthetic task: need n >= 1 and image_size >= 16, got n={n} image_size={image_size}")
+
+
+def synthetic_rows(n: int, seed: int, image_size: int = 56, split: str = "train") -> list[dict]:
+    """The ``n`` rows of a split as dicts ``{problem, images: [PIL], answer, shape}`` (deterministic)."""
+    _check_args(n, image_size, split)
+    rng = np.random.default_rng([int(seed), _SPLIT_ID[split]])
+    labels = np.tile(np.arange(len(COLOURS)), -(-n // len(COLOURS)))[:n]
+    rng.shuffle(labels)
+    return _draw_rows(labels, rng, image_size, split)
+
+
+def shortcut_rows(n: int, seed: int, image_size: int = 56, split: str = "train", hint_p: float = 0.75,
+                  conflict: float = 0.5, hint_repeat: int = 1) -> list[dict]:
+    """Rows of the hinted task: ``{problem, images, answer, shape, hint, agrees}`` (see module docstring).
+
+    Train: the hint is right on exactly ``round(hint_p * n)`` rows; test: wrong on exactly ``round(conflict * n)``.
+    Classes are balanced (counts differ by at most one) and agreement is spread evenly over them.
+    ``hint_repeat`` writes the hint word that many times (``"Hint: red red red."``): a louder shortcut.
+    """
+    if hint_repeat < 1:
+        raise ValueError(f"shortcut task: hint_repeat must be >= 1, got {hint_repeat}")
+    _check_args(n, image_size, split)
+    p_agree = hint_p if split == "train" else 1.0 - conflict
+    if not 0.0 <= p_agree <= 1.0:
+        raise ValueError(f"shortcut task: hint agreement rate must be in [0, 1], got {p_agree} (hint_p={hint_p}, conflict={conflict})")
+    k = len(COLOURS)
+    n_agree = round(p_agree * n)
+    # row i has class i % k and agrees iff i < n_agree: every class gets floor/ceil(n_agree / k) agreeing rows;
+    # conflicting rows cycle their wrong hint over the k-1 other colours in order
+    labels = np.arange(n) % k
+    offsets = np.zeros(n, dtype=np.int64)
+    offsets[n_agree:] = 1 + (np.arange(n - n_agree) // k) % (k - 1)
+    rng = np.random.default_rng([int(seed), _SPLIT_ID[split], 7])  # 7: not the colour task's stream
+    order = rng.permutation(n)
+    labels, offsets = labels[order], offsets[order]
+    rows = _draw_rows(labels, rng, image_size, split)
+    names = list(COLOURS)
+    for row, label, off in zip(rows, labels, offsets):
+        hint = names[(int(label) + int(off)) % k]
+        row.update(problem=HINT_QUESTION.format(hint=" ".join([hint] * hint_repeat)), hint=hint, agrees=bool(off == 0))
+    return rows
+
+
+def parse_hint(problem: str) -> Optional[str]:
+    """The hint colour written in a shortcut-task question, or None for a question without one."""
+    m = _HINT_RE.search(problem)
+    return m.group(1) if m else None
+
+
+def blank_image(image: Image.Image) -> Image.Image:
+    """An all-black RGB image of ``image``'s size: the masked view used by the image-reliance metric."""
+    return Image.new("RGB", image.size)
+
+
+def shortcut_parts(dataset: Any) -> tuple[list[int], list[int]]:
+    """Indices of a PromptDataset's rows whose hint agrees with / conflicts with the answer (hintless rows: neither)."""
+    agree, conflict = [], []
+    for i, answer in enumerate(dataset.answers()):
+        hint = parse_hint(dataset.row(i)["problem"])
+        if hint is not None:
+            (agree if hint == answer.strip().lower() else conflict).append(i)
+    return agree, conflict
+
+
+class PromptView:
+    """Rows ``indices`` of a PromptDataset (``len``/``encode`` like one), for evaluation: ``blank`` makes every
+    image black (same size, so the same prompt tokens); ``answer_hint`` makes the question's hint the answer."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], blank: bool = False, answer_hint: bool = False) -> None:
+        self.dataset, self.indices, self.blank, self.answer_hint = dataset, list(indices), blank, answer_hint
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def encode(self, i: int) -> Any:
+        """The encoded sample of row ``indices[i]`` with the view's changes."""
+        s = self.dataset.encode(self.indices[i])
+        if self.blank:
+            s = dataclasses.replace(s, images=[blank_image(im) for im in s.images])
+        if self.answer_hint:
+            hint = parse_hint(self.dataset.row(self.indices[i])["problem"])
+            if hint is None:
+                raise ValueError(f"row {s.uid}: answer_hint view of a question without a hint")
+            s = dataclasses.replace(s, answer=hint)
+        return s
+
+
+def shortcut_summary(parts: dict[str, tuple[float, int]], answers: Sequence[str]) -> dict[str, float]:
+    """Shortcut-task metrics from per-part ``(accuracy, questions)``: parts ``agree``, ``conflict``,
+    ``conflict_hint`` (accuracy against the hint on the conflict part = how often it is copied) and ``blank``
+    (every image black, all questions). Adds ``image_reliance`` = accuracy - blank accuracy and the baselines:
+    ``majority_baseline`` and ``hint_baseline`` (always answer the hint: the agree fraction)."""
+    (acc_a, n_a), (acc_c, n_c) = parts["agree"], parts["conflict"]
+    n = n_a + n_c
+    if n == 0:
+        raise ValueError("shortcut_summary: no questions")
+    acc = (acc_a * n_a + acc_c * n_c) / n
+    nan = float("nan")
+    return {"accuracy": acc, "accuracy_agree": acc_a if n_a else nan, "accuracy_conflict": acc_c if n_c else nan,
+            "hint_follow_conflict": parts["conflict_hint"][0] if n_c else nan, "accuracy_masked": parts["blank"][0],
+            "image_reliance": acc - parts["blank"][0], "majority_baseline": majority_baseline(answers),
+            "hint_baseline": n_a / n, "questions": float(n), "questions_conflict": float(n_c)}
+
+
+def task_rows(n: int, seed: int, image_size: int = 56, split: str = "train", task: str = "colour",
+              hint_p: float = 0.75, conflict: float = 0.5, hint_repeat: int = 1) -> list[dict]:
+    """Rows of the named synthetic ``task`` (``colour`` or ``shortcut``)."""
+    if task == "colour":
+        return synthetic_rows(n, seed, image_size, split)
+    if task == "shortcut":
+        return shortcut_rows(n, seed, image_size, split, hint_p=hint_p, conflict=conflict, hint_repeat=hint_repeat)
+    raise ValueError(f"unknown synthetic task '{task}'; known: {', '.join(TASKS)}")
+
+
+def build_synthetic_dataset(n: int, seed: int, image_size: int = 56, split: str = "train", task: str = "colour",
+                            hint_p: float = 0.75, conflict: float = 0.5, hint_repeat: int = 1):
+    """A ``datasets.Dataset`` with columns ``problem``, ``images`` (list of Image), ``answer``, ``shape``
+    (the shortcut task adds ``hint`` and ``agrees``)."""
     from datasets import Dataset, Features, List, Value
     from datasets import Image as HFImage
 
-    rows = synthetic_rows(n, seed, image_size, split)
-    features = Features({"problem": Value("string"), "images": List(HFImage()), "answer": Value("string"),
-                         "shape": Value("string")})
+    rows = task_rows(n, seed, image_size, split, task, hint_p, conflict, hint_repeat)
+    cols = {"problem": Value("string"), "images": List(HFImage()), "answer": Value("string"), "shape": Value("string")}
+    if task == "shortcut":
+        cols |= {"hint": Value("string"), "agrees": Value("bool")}
+    features = Features(cols)
     return Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
 
 
