@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The README's test command: bootstrap the venv if needed, lint, then run the whole test suite
 # (unit, distributed (gloo/torchrun), integration incl. real SGLang engine and end-to-end runs;
-# GPU tests skip themselves without CUDA). Extra arguments go to pytest.
+# GPU tests skip themselves without CUDA). Extra arguments go to pytest. `--full` (first argument) also runs the
+# `extended` tests: more parallel layouts of capabilities the default run already covers end to end (~25 min more).
 set -euo pipefail
+if [[ "${1:-}" == "--full" ]]; then
+  export MEGATRON_PAPO_FULL_TESTS=1
+  shift
+fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$REPO/launch/setup_env.sh"
 cd "$REPO"

@@ -11,9 +11,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+FULL = os.environ.get("MEGATRON_PAPO_FULL_TESTS") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
+    """Deselect ``extended`` tests unless MEGATRON_PAPO_FULL_TESTS=1 (``launch/run_tests.sh --full``); skip GPU
+    tests without CUDA."""
     import torch
 
+    if not FULL:
+        extended = [item for item in items if "extended" in item.keywords]
+        if extended:
+            config.hook.pytest_deselected(items=extended)
+            items[:] = [item for item in items if "extended" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (tests/gpu); CPU CI does not run this path")

@@ -115,9 +115,13 @@ def dp2_fleet_run(tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.parametrize("name,nproc,layout", [
     ("tp2", 2, ["parallel.tp=2"]),
-    ("pp2", 2, ["parallel.pp=2", "optim.micro_batch_size=32"]),
+    # PP2 and packed rows are `extended` (launch/run_tests.sh --full): PP training is checked against TP1 in
+    # tests/distributed (test_model_training, test_mcore_cpu), the PP2 fleet's sync in test_rollout_fleet, packing in
+    # test_model_packed / test_actor_batches
+    pytest.param("pp2", 2, ["parallel.pp=2", "optim.micro_batch_size=32"], marks=pytest.mark.extended),
     # token-budget micro-batches of packed rows, at TP=2 (unpacked budgets: test_actor_batches)
-    ("packed_tp2", 2, ["parallel.tp=2", "optim.micro_batch_tokens=1000", "optim.pack_sequences=true"]),
+    pytest.param("packed_tp2", 2, ["parallel.tp=2", "optim.micro_batch_tokens=1000", "optim.pack_sequences=true"],
+                 marks=pytest.mark.extended),
     # 2 separate sglang.launch_server engines (sglang-router in front) fed through ONE weight-update group
     ("servers", 1, ["rollout.placement=separate", "rollout.mode=server", "rollout.transport=distributed",
                     "rollout.num_engines=2"]),
