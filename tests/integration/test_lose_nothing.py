@@ -170,7 +170,7 @@ def test_async_tis_run_and_sigkill_resume_like_one_uninterrupted_run(tmp_path):
     """Overlapped rollouts (one separate engine fed through a gloo weight group) with TIS: step 1 is on-policy, steps
     2-3 train on rollouts generated one update earlier while the next ones generate. A SIGKILL during step 2 leaves
     the step-1 checkpoint, which holds step 2's rollouts (generated during step 1, with the data position from before
-    their draw); the resumed run repeats the uninterrupted one (step 1 bit for bit, steps 2-3 to float32 rounding)."""
+    their draw); the resumed run repeats the uninterrupted one (step 1 bit for bit, steps 2-3 to 1e-5 relative: see below)."""
     full = _train(tmp_path / "full", extra=ASYNC)
     assert [r["step"] for r in full] == [1, 2, 3] and [r["rollout/staleness"] for r in full] == [0.0, 1.0, 1.0]
     assert full[0]["rollout/logprob_gap"] <= 1e-4 and abs(full[0]["rollout_corr/weight_mean"] - 1.0) <= 1e-5
@@ -191,11 +191,12 @@ def test_async_tis_run_and_sigkill_resume_like_one_uninterrupted_run(tmp_path):
     _train(run, extra=ASYNC)
     resumed = _strip(_metrics(run))
     assert resumed[0] == _strip(full)[0]  # step 1 (before the kill) bit for bit
-    # Steps 2-3 replay the saved rollouts: every count, reward, entropy and log-prob statistic equal; CI measured
-    # loss/pg and the values downstream of it differing in the 7th significant digit (4.7e-7 relative) -- not
-    # bit-exact, cause not found yet (README, known limits). Regenerating the rollouts instead of replaying them
-    # changes these metrics in the first digits.
+    # Steps 2-3 replay the saved rollouts (same counts and rewards; losses, KLs close). Not bit for bit:
+    # the *uninterrupted* async run does not repeat itself exactly (loss/pg at step 2: 0.0037745265 and 0.0037745191
+    # in two runs of this test, 2e-6 apart), while the resumed run gave 0.0037745284 both times -- a determinism
+    # defect of the overlapped path, cause not found (README, known limits). Regenerating the rollouts instead of
+    # replaying them changes these metrics in the first digits, so 1e-5 relative still catches a wrong resume.
     for got, want in zip(resumed[1:], _strip(full)[1:], strict=True):
         assert got.keys() == want.keys()
         for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=2e-6, abs=1e-9), (got["step"], k, got[k], v)
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-9), (got["step"], k, got[k], v)
