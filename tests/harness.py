@@ -72,3 +72,23 @@ def run_distributed(target: str, nproc: int, kwargs: Optional[dict[str, Any]] = 
             raise DistributedRunError(f"rank {r} wrote no result to {path}")
         results.append(json.loads(path.read_text()))
     return results
+
+
+def dcp_tensors(step_dir: Path, tmp: Path) -> dict[str, Any]:
+    """Every tensor of a dist-checkpoint (model and optimizer state), read back through torch DCP, by path."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{step_dir.parent.parent.name}_{step_dir.parent.name}_{step_dir.name}.pt"
+    dcp_to_torch_save(str(step_dir), str(out))
+    flat: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str = "") -> None:
+        if isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}/{k}")
+
+    walk(torch.load(out, weights_only=False))
+    return flat

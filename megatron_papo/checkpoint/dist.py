@@ -404,8 +404,15 @@ def _init_torch_adam_state(optimizers: list[Any]) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if len(inner.state[p]) == 0:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.data),
+                    inner.state[p] = {"step": _adam_step(0.0, group, p), "exp_avg": torch.zeros_like(p.data),
                                       "exp_avg_sq": torch.zeros_like(p.data)}
+
+
+def _adam_step(value: float, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
+    """torch Adam's per-parameter ``step`` where Adam keeps it: on the parameter's device when ``capturable`` or
+    ``fused``, else a host scalar (as ``torch.optim.Adam`` creates it)."""
+    on_device = bool(group.get("capturable") or group.get("fused"))
+    return torch.tensor(value, device=p.device if on_device else "cpu")
 
 
 def _restore_torch_adam_step(optimizers: list[Any]) -> None:
@@ -421,7 +428,7 @@ def _restore_torch_adam_step(optimizers: list[Any]) -> None:
                 continue
             for p in group["params"]:
                 if "step" in inner.state[p]:
-                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
+                    inner.state[p]["step"] = _adam_step(float(group["step"]), group, p)
 
 
 def cause_line(e: BaseException) -> str:

@@ -13,34 +13,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.harness import run_distributed
+from tests.harness import dcp_tensors, run_distributed
 
 pytestmark = pytest.mark.distributed
 W = "tests.distributed.async_save_workers"
-
-
-def dcp_tensors(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a dist-checkpoint (model and optimizer state), read back through torch DCP."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{step_dir.parent.name}_{step_dir.name}.pt"
-    dcp_to_torch_save(str(step_dir), str(out))
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(obj, prefix=""):
-        if isinstance(obj, torch.Tensor):
-            flat[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{prefix}/{k}")
-
-    walk(torch.load(out, weights_only=False))
-    return flat
 
 
 def test_async_save_with_distributed_optimizer_equals_the_sync_save_of_that_step(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.harness import REPO
+from tests.harness import REPO, dcp_tensors
 from tests.integration.test_train_e2e import _cmd, _env, _metrics, _train
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -62,25 +62,6 @@ def _latest(run: Path) -> str:
     return marker.read_text() if marker.is_file() else ""
 
 
-def _tensors(step_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a dist-checkpoint (model and optimizer state), read back through torch DCP."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{step_dir.parent.parent.name}_{step_dir.name}.pt"
-    dcp_to_torch_save(str(step_dir), str(out))
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(obj, prefix=""):
-        if isinstance(obj, torch.Tensor):
-            flat[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{prefix}/{k}")
-
-    walk(torch.load(out, weights_only=False))
-    return flat
-
-
 def test_diverging_run_skips_nan_steps_stops_and_keeps_finite_checkpoints(tmp_path):
     run = tmp_path / "lr1e10"
     extra = ["total_steps=6", "optim.lr=1e10", "optim.max_skipped_steps=2", "checkpoint.save_every=1",
@@ -97,7 +78,7 @@ def test_diverging_run_skips_nan_steps_stops_and_keeps_finite_checkpoints(tmp_pa
     assert math.isfinite(norms[0]) and not any(math.isfinite(n) for n in norms[1:])
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert ckpts == ["step_000001", "step_000002"] and _latest(run) == "step_000002"  # step 3 diverged: not saved
-    one, two = (_tensors(run / "checkpoints" / name, tmp_path) for name in ckpts)
+    one, two = (dcp_tensors(run / "checkpoints" / name, tmp_path) for name in ckpts)
     assert one.keys() == two.keys() and len(one) > 30
     assert all(bool(torch.isfinite(t).all()) for t in [*one.values(), *two.values()] if t.is_floating_point())
     weights = [k for k in one if "optimizer" not in k]
