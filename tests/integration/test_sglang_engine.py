@@ -174,6 +174,22 @@ def test_health_and_memory_calls(engine):
     assert engine.health()["ok"]
 
 
+def test_idle_engine_leaves_the_cpu_to_the_trainer(engine, prompts):
+    """An idle engine (every training phase) sleeps on its sockets instead of busy-polling them: without
+    ``sleep_on_idle`` SGLang's scheduler held a whole core (101% measured) while it had nothing to do. It still
+    answers at once after sleeping."""
+    procs = [psutil.Process(p) for p in engine.pids()]
+    engine.generate([(prompts[2][2]["input_ids"][0].tolist(), [])], n=1, sampling={"temperature": 0.0, "max_new_tokens": 2})
+    time.sleep(1.0)  # let the scheduler go idle
+    before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+    time.sleep(4.0)
+    used = {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
+    assert max(used.values()) < 1.0, f"CPU seconds used by the idle engine's processes in 4 s: {used}"
+    t0 = time.perf_counter()
+    engine.generate([(prompts[2][2]["input_ids"][0].tolist(), [])], n=1, sampling={"temperature": 0.0, "max_new_tokens": 2})
+    assert time.perf_counter() - t0 < 30.0
+
+
 def test_zz_killed_scheduler_gives_clear_error_and_no_orphans(engine, prompts):
     """LAST test of the module (it ends the shared engine): SIGKILL the scheduler mid-generation."""
     tracked = engine.pids()

@@ -59,6 +59,16 @@ def test_colocated_gpu_engine_defaults(tiny_model_dir):
     assert kw["base_gpu_id"] == 4 and "enable_memory_saver" not in kw and "mem_fraction_static" not in kw
     cpu = SGLangEngine.from_config(RolloutConfig(), str(tiny_model_dir), device="cpu").engine_kwargs
     assert {k: cpu[k] for k in CPU_ENGINE_KWARGS} == CPU_ENGINE_KWARGS and "enable_memory_saver" not in cpu
+    assert cpu["sleep_on_idle"] is True and gpu["sleep_on_idle"] is True  # idle schedulers do not spin a core
+    quiet = RolloutConfig(engine_kwargs={"sleep_on_idle": False})
+    assert SGLangEngine.from_config(quiet, str(tiny_model_dir), device="cpu").engine_kwargs["sleep_on_idle"] is False
+
+
+def test_server_engines_sleep_on_idle_too(tiny_model_dir):
+    from megatron_papo.rollout.sglang_server import SGLangServerEngine, server_argv
+
+    eng = SGLangServerEngine(str(tiny_model_dir), device="cpu", port=1)
+    assert "--sleep-on-idle" in server_argv(eng.engine_kwargs, "127.0.0.1", 1)
 
 
 @pytest.fixture
