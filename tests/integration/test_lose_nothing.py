@@ -173,10 +173,11 @@ def test_async_tis_run_and_sigkill_resume_like_one_uninterrupted_run(tmp_path):
     resumed = _strip(_metrics(run))
     assert resumed[0] == _strip(full)[0]  # step 1 (before the kill) bit for bit
     # Steps 2-3 replay the saved rollouts (same counts and rewards; losses, KLs close). Not bit for bit:
-    # the *uninterrupted* async run does not repeat itself exactly (loss/pg at step 2: 0.0037745265 and 0.0037745191
-    # in two runs of this test, 2e-6 apart), while the resumed run gave 0.0037745284 both times -- a determinism
-    # defect of the overlapped path, cause not found (README, known limits). Regenerating the rollouts instead of
-    # replaying them changes these metrics in the first digits, so 1e-5 relative still catches a wrong resume.
+    # the *uninterrupted* async + TIS run does not repeat itself exactly (loss/pg at step 2: 0.0037745265, 0.0037745191
+    # and 0.0037745284 in runs of this config; every other step-2 metric, the grad norm and TIS weight mean included,
+    # repeated). Overlapped runs without TIS and synchronous runs with TIS do repeat bit for bit (README, known
+    # limits). Regenerating the rollouts instead of replaying them changes these metrics in the first digits, so
+    # 1e-5 relative still catches a wrong resume.
     for got, want in zip(resumed[1:], _strip(full)[1:], strict=True):
         assert got.keys() == want.keys()
         for k, v in want.items():
