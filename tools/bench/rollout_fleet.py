@@ -1,6 +1,6 @@
 """Rollout fleet scaling on CPU: the same prompts on 1 engine and on 2 engines, round-robin in one run.
 
-    torchrun --nproc-per-node 2 tools/bench/rollout_fleet.py [--prompts 64 --n 8 --max-new-tokens 16 --repeats 4]
+    torchrun --nproc-per-node 2 tools/bench/rollout_fleet.py [--prompts 64 --samples 8 --max-new-tokens 16 --repeats 4]
     torchrun --nproc-per-node 2 tools/bench/rollout_fleet.py --pp 2     # owners on both pipeline stages
 
 Two processes each own a real SGLang CPU engine (a colocated fleet, ``rollout/fleet.py``). The 1-engine case is
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--n", type=int, default=8)
+    # not --n: torchrun takes any abbreviation of its own options (--nnodes, --nproc-per-node) even after the script
+    p.add_argument("--samples", dest="n", type=int, default=8, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=4, help="timed repeats (round-robin) after the warm-up")
     p.add_argument("--warmup", type=int, default=1)
