@@ -179,14 +179,16 @@ def test_idle_engine_leaves_the_cpu_to_the_trainer(engine, prompts):
     ``sleep_on_idle`` SGLang's scheduler held a whole core (101% measured) while it had nothing to do. It still
     answers at once after sleeping."""
     procs = [psutil.Process(p) for p in engine.pids()]
-    engine.generate([(prompts[2][2]["input_ids"][0].tolist(), [])], n=1, sampling={"temperature": 0.0, "max_new_tokens": 2})
+    text_only = [(prompts[2][2]["input_ids"][0].tolist(), [])]
+    short = {"temperature": 0.0, "max_new_tokens": 2}
+    engine.generate(text_only, n=1, sampling=short)
     time.sleep(1.0)  # let the scheduler go idle
     before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
     time.sleep(4.0)
     used = {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
     assert max(used.values()) < 1.0, f"CPU seconds used by the idle engine's processes in 4 s: {used}"
     t0 = time.perf_counter()
-    engine.generate([(prompts[2][2]["input_ids"][0].tolist(), [])], n=1, sampling={"temperature": 0.0, "max_new_tokens": 2})
+    engine.generate(text_only, n=1, sampling=short)
     assert time.perf_counter() - t0 < 30.0
 
 
