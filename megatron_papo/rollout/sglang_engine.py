@@ -334,7 +334,9 @@ class SGLangEngine:
                 params.append(self._sampling_dict(sp, count, seed))
         kw: dict[str, Any] = {"input_ids": ids, "sampling_params": params, "return_logprob": True}
         if any(images):
-            kw["image_data"] = [im if im else None for im in images]
+            # [] (not None) for a text-only request: SGLang reads a list whose first entry is not a list as one
+            # image per request, so a text-only request first would turn the next request's images into one "image"
+            kw["image_data"] = images
         outs = self._call("generate", timeout, **kw)
         results = [self._result(o) for o in outs]
         if len(results) != len(reqs) * n:

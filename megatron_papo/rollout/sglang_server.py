@@ -166,7 +166,7 @@ class SGLangServerEngine(SGLangEngine):
             body["sampling_params"] = [{**sp, "logit_bias": {k: BAN_BIAS for k in sp.get("logit_bias", {})}}
                                        if "logit_bias" in sp else sp for sp in body["sampling_params"]]
             if body.get("image_data") is not None:
-                body["image_data"] = [[_data_url(im) for im in ims] if ims else None for ims in body["image_data"]]
+                body["image_data"] = [[_data_url(im) for im in ims] for ims in body["image_data"]]  # [] if none
             sps = body["sampling_params"]
             if self.router_url and all(sp == sps[0] for sp in sps):
                 body["sampling_params"] = sps[0]  # sglang-router takes one sampling_params object per batch

@@ -151,7 +151,10 @@ def test_async_tis_run_and_sigkill_resume_like_one_uninterrupted_run(tmp_path):
     """Overlapped rollouts (one separate engine fed through a gloo weight group) with TIS: step 1 is on-policy, steps
     2-3 train on rollouts generated one update earlier while the next ones generate. A SIGKILL during step 2 leaves
     the step-1 checkpoint, which holds step 2's rollouts (generated during step 1, with the data position from before
-    their draw); the resumed run repeats the uninterrupted one (step 1 bit for bit, steps 2-3 to 1e-5 relative: see below)."""
+    their draw); the resumed run repeats the uninterrupted one bit for bit. That needs the engine's log-probs (TIS's
+    behaviour policy) to repeat too although generation now overlaps training and its batches form differently:
+    the CPU engine computes batch-invariantly (rollout/cpu_shim/batch_invariant.py); without it loss/pg at step 2
+    varied in the 7th digit from run to run (0.0037745265, 0.0037745191, 0.0037745284)."""
     full = _train(tmp_path / "full", extra=ASYNC)
     assert [r["step"] for r in full] == [1, 2, 3] and [r["rollout/staleness"] for r in full] == [0.0, 1.0, 1.0]
     assert full[0]["rollout/logprob_gap"] <= 1e-4 and abs(full[0]["rollout_corr/weight_mean"] - 1.0) <= 1e-5
@@ -170,15 +173,4 @@ def test_async_tis_run_and_sigkill_resume_like_one_uninterrupted_run(tmp_path):
     state = json.loads((run / "checkpoints" / "step_000001" / "trainer_state.json").read_text())
     assert state["async_rollouts"]["step"] == 2 and len(json.loads(state["async_rollouts"]["groups"])) == 16
     _train(run, extra=ASYNC)
-    resumed = _strip(_metrics(run))
-    assert resumed[0] == _strip(full)[0]  # step 1 (before the kill) bit for bit
-    # Steps 2-3 replay the saved rollouts (same counts and rewards; losses, KLs close). Not bit for bit:
-    # the *uninterrupted* async + TIS run does not repeat itself exactly (loss/pg at step 2: 0.0037745265, 0.0037745191
-    # and 0.0037745284 in runs of this config; every other step-2 metric, the grad norm and TIS weight mean included,
-    # repeated). Overlapped runs without TIS and synchronous runs with TIS do repeat bit for bit (README, known
-    # limits). Regenerating the rollouts instead of replaying them changes these metrics in the first digits, so
-    # 1e-5 relative still catches a wrong resume.
-    for got, want in zip(resumed[1:], _strip(full)[1:], strict=True):
-        assert got.keys() == want.keys()
-        for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-9), (got["step"], k, got[k], v)
+    assert _strip(_metrics(run)) == _strip(full)
