@@ -21,9 +21,9 @@ What (applied in each SGLang scheduler process, together with ``seeded.py``; not
    depend on the other images encoded with it.
 
 The text attention of ``torch_native`` already runs per request at fixed shapes (extend pads its queries to the
-full sequence), so it needs nothing. Cost: the tiny CPU models are dominated by Python overhead; ``bmm`` of
-single rows is ~2-4x slower than one GEMM at these sizes (``tools/bench`` is unaffected: GPU engines never take
-this path).
+full sequence), so it needs nothing. Cost: ``bmm`` of single rows was 2-4x slower than one GEMM at the tiny
+model's sizes in a microbenchmark on a loaded 2-core machine; CPU engine runs (tests, the main job, CPU runs of
+``tools/bench/rollout_fleet.py``) pay it, GPU engines never take this path.
 """
 
 from __future__ import annotations
