@@ -25,7 +25,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def to_host(obj: Any) -> Any:
-    """``obj`` with every tensor detached and copied to host memory (blocking: safe to read right away)."""
+    """``obj`` with every tensor detached and on the host (blocking: safe to read right away). A device tensor is
+    copied; a tensor already on the CPU is returned detached, not copied (it shares storage with the input)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu")
     if isinstance(obj, dict):

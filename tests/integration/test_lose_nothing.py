@@ -86,7 +86,7 @@ def test_diverging_run_skips_nan_steps_stops_and_keeps_finite_checkpoints(tmp_pa
     assert max(float(one[k].abs().max()) for k in weights) > 1e6  # lr=1e10 really moved them at step 1
 
 
-@pytest.mark.timeout(2400)  # five engine starts in one test (~8 min on 2 idle cores; 15 min measured under load)
+@pytest.mark.timeout(2400)  # five engine starts in one test (6.5 min on 2 idle cores; 15 min measured under load)
 def test_sigterm_sigkill_and_truncated_checkpoint_resume_like_one_uninterrupted_run(tmp_path):
     full = _train(tmp_path / "full", extra=LIVE)
     assert [r["step"] for r in full] == [1, 2, 3, 4] and full[3]["kl/ref"] > 0
