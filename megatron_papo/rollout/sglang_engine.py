@@ -62,6 +62,11 @@ CPU_ENGINE_KWARGS: dict[str, Any] = {
     # KV budget = free RAM - (1 - fraction) * RAM at start; max_total_tokens caps it. A small fraction fails
     # when other processes take RAM while the weights load.
     "mem_fraction_static": 0.8,
+    # SGLang's preprocessing cache (decoded, resized, normalised images by content hash; independent of the
+    # weights): with per-sample seeds every sample is its own request, so without it a prompt's image is
+    # preprocessed n times. Measured (64 prompts x 8 seeded samples, tiny model): host 1.43 -> 0.98 CPU-seconds per
+    # round, 3.2 -> 2.7 s, outputs identical bit for bit.
+    "mm_preprocess_cache_size_mb": 64,
 }
 
 #: GPU defaults of a colocated engine (it shares the trainer's GPUs and gives them back while the actor trains).

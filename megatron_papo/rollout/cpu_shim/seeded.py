@@ -123,14 +123,15 @@ def run_scheduler_process(*args: Any, **kwargs: Any) -> Any:
 
 def install() -> bool:
     """In the process that creates ``sglang.Engine`` (CPU only): its schedulers start through
-    :func:`run_scheduler_process`, forked from this process (``fork_start.py``). Returns False (and changes
-    nothing) unless ``SGLANG_USE_CPU_ENGINE=1``."""
+    :func:`run_scheduler_process`, forked from this process (``fork_start.py``), and multimodal features reach them
+    inside the request (``mm_transport.py``). Returns False (and changes nothing) unless ``SGLANG_USE_CPU_ENGINE=1``."""
     if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         return False
     from sglang.srt.entrypoints.engine import Engine
 
-    from megatron_papo.rollout.cpu_shim import fork_start
+    from megatron_papo.rollout.cpu_shim import fork_start, mm_transport
 
     Engine.run_scheduler_process_func = staticmethod(run_scheduler_process)
     fork_start.install()  # the schedulers fork from this process instead of importing SGLang again
+    mm_transport.install()  # pixel values pickled with the request, not one shared-memory segment per request
     return True
