@@ -13,6 +13,12 @@ What: :func:`install` replaces the ``multiprocessing`` module that ``sglang.srt.
 scheduler entry point is still ``seeded.run_scheduler_process``, which applies the CPU patches in the child).
 GPU engines never take this path: :func:`install` is a no-op unless ``SGLANG_USE_CPU_ENGINE=1`` and no CUDA device
 is initialised in this process.
+
+Caveat: the forking process must not have run multi-threaded torch compute before the engine starts. The OpenMP
+thread pool of torch's CPU wheels does not survive a fork, so a forked scheduler hangs at its first parallel op
+(seen with a script that built a model and then created an engine in the same process). The two callers qualify:
+the engine host (``_sglang_host.host_main``) and the server launcher (``_sglang_server_main``) import SGLang and
+create the engine first, in a fresh process.
 """
 
 from __future__ import annotations
