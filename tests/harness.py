@@ -51,6 +51,18 @@ def run_torchrun(argv: list[str], nproc: int, *, timeout: float = 300, env: Opti
     return proc
 
 
+def run_probe(source: str, cwd: Path, *, timeout: float = 300) -> list[str]:
+    """Run ``source`` as a script in a fresh interpreter (``cwd``, the repo on PYTHONPATH) and return its stdout
+    lines; a non-zero exit fails the calling test with the script's stderr. For checks of process-global patches
+    (module-level state of SGLang, start methods) that must not leak into the test process."""
+    script = cwd / "probe.py"
+    script.write_text(source)
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.splitlines()
+
+
 def _collect_logs(log_dir: Path) -> str:
     parts = []
     for f in sorted(log_dir.rglob("*.log")):

@@ -9,11 +9,7 @@ in ``tests/integration``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from tests.harness import REPO
+from tests.harness import run_probe
 
 PROBE = r"""
 import multiprocessing
@@ -44,9 +40,4 @@ if __name__ == "__main__":
 
 
 def test_cpu_engine_launcher_forks_and_leaves_the_process_default_alone(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.splitlines() == ["False True", "True ForkingMultiprocessing True", "set by the parent True", "0"]
+    assert run_probe(PROBE, tmp_path) == ["False True", "True ForkingMultiprocessing True", "set by the parent True", "0"]

@@ -10,11 +10,7 @@ module-level cache of SGLang's. Engines generating with images under the patch: 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from tests.harness import REPO
+from tests.harness import run_probe
 
 PROBE = r"""
 import os
@@ -49,9 +45,4 @@ print(mm_transport.install(), *round_trip(pixels))
 
 
 def test_cpu_engine_features_travel_inline_and_gpu_engines_keep_sglangs_choice(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.splitlines() == ["False ShmPointerMMData True", "True Tensor True"]
+    assert run_probe(PROBE, tmp_path) == ["False ShmPointerMMData True", "True Tensor True"]
