@@ -64,8 +64,9 @@ CPU_ENGINE_KWARGS: dict[str, Any] = {
     "mem_fraction_static": 0.8,
     # SGLang's preprocessing cache (decoded, resized, normalised images by content hash; independent of the
     # weights): with per-sample seeds every sample is its own request, so without it a prompt's image is
-    # preprocessed n times. Measured (64 prompts x 8 seeded samples, tiny model): host 1.43 -> 0.98 CPU-seconds per
-    # round, 3.2 -> 2.7 s, outputs identical bit for bit.
+    # preprocessed n times. Measured (64 prompts x 8 seeded samples, tiny model, in-process engine under cProfile):
+    # host 1.43 -> 0.98 CPU-seconds per round, 3.2 -> 2.7 s; outputs unchanged (``output_digests`` of
+    # tools/bench/rollout_fleet.py, README "Scaling").
     "mm_preprocess_cache_size_mb": 64,
 }
 

@@ -9,12 +9,15 @@ times, in alternating order: generation of ``--prompts`` x ``--n`` responses of 
 tokens (``ignore_eos``; rewards, the gather to every rank and the groups included) and a full weight sync of the
 mcore actor (TP=1; ``--pp 2``: the stage-1 owner gets its buckets by the all-stages PP broadcast). Prints one
 JSON line: medians after ``--warmup`` repeats, the ratios (goals: generation throughput 2 engines / 1 engine
->= 1.6, sync time 2 / 1 <= 1.3), every sample and the load average before and after.
+>= 1.6, sync time 2 / 1 <= 1.3), every sample, the load average before and after, and per repeat a digest of
+every generated token id and log-prob (the same seeds each repeat on both fleets: equal digests say 1 and 2 engines
+sampled the same outputs; compare them across commits to check that an engine change kept its outputs).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -75,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fleets = {"1": one, "2": two}
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
     times: dict[str, dict[str, list[float]]] = {k: {"gen_s": [], "tok_per_s": [], "sync_s": []} for k in fleets}
+    digests: dict[str, list[str]] = {k: [] for k in fleets}  # per repeat: sha256 of every token id and log-prob
     try:
         for rep in range(args.warmup + args.repeats):
             order = ["1", "2"] if rep % 2 == 0 else ["2", "1"]
@@ -88,6 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 tokens = sum(len(r) for g in groups for r in g.response_ids)
                 assert tokens == args.prompts * args.n * args.max_new_tokens, tokens
                 assert {g.engine for g in groups} == set(range(fleets[k].num_engines))
+                digests[k].append(hashlib.sha256(repr([(g.response_ids, g.engine_logprobs) for g in groups]).encode())
+                                  .hexdigest()[:16])
                 if rep >= args.warmup:
                     times[k]["gen_s"].append(dt)
                     times[k]["tok_per_s"].append(tokens / dt)
@@ -107,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "throughput_ratio_2_over_1": round(med["2"]["tok_per_s"] / med["1"]["tok_per_s"], 2),
             "sync_ratio_2_over_1": round(med["2"]["sync_s"] / med["1"]["sync_s"], 2),
             "samples": {k: {m: [round(x, 3) for x in v] for m, v in d.items()} for k, d in times.items()},
+            "output_digests": digests, "same_outputs_1_and_2_engines": digests["1"] == digests["2"],
             "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     if pg.rank == 0:
         print(json.dumps(line), flush=True)

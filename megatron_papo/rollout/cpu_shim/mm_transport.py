@@ -7,9 +7,10 @@ the node topology alone (``multimodal/transport.determine_tensor_transport_mode`
 features are copied into a fresh shared-memory segment (create, ``posix_fallocate``, first-touch page faults), which
 the scheduler opens, copies out and unlinks. Rollouts send one request per sample (per-sample seeds), so a prompt's
 image crosses that way ``n`` times. Measured on the 2-core CI machine (tiny model, 64 prompts x 8 seeded samples of
-16 tokens, one engine, cProfile of the host; ``tools/bench/rollout_fleet.py`` for the fleet): the host spent 1.55 of
-its 4.0 CPU-seconds per round in ``wrap_shm_features``, the round took 5.6 s; with inline features 1.5 CPU-seconds
-and 3.3–4.0 s.
+16 tokens, one in-process engine under cProfile): the host spent 1.55 of its 4.0 CPU-seconds per round in
+``wrap_shm_features``, the round took 5.6 s; with inline features 1.5 CPU-seconds and 3.3–4.0 s. Unprofiled, with
+SGLang's preprocess cache as well, a 2-engine fleet generates 20–30% more tokens/s (README "Scaling",
+``tools/bench/rollout_fleet.py``, whose output digests show the same outputs before and after).
 
 What: :func:`install` marks the transport as SGLang's ``"default"`` (inline: the tensors are pickled with the
 tokenized request, the path SGLang itself takes across nodes) in the process that creates the engine, before it
