@@ -48,16 +48,31 @@ def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
 
 
 class Preemption:
-    """Records the first preemption signal; :meth:`requested` is the collective check at a safe point."""
+    """Records the first preemption signal; :meth:`requested` is the collective check at a safe point.
+
+    The handler is async-signal-safe in Python's sense: it sets two attributes and writes one line to fd 2 with
+    ``os.write``. It takes no lock, starts no thread and never calls ``logging``: Python runs handlers on the
+    main thread between bytecodes, so a handler that logs can land inside the main thread's own ``flush`` of the
+    same stream and fail with ``RuntimeError: reentrant call inside <_io.BufferedWriter>``. The log record of the
+    signal is written by :meth:`requested` on the main thread; the watchdog is a thread started with the handlers
+    that polls :attr:`received_at`.
+    """
+
+    POLL_S = 0.2
 
     def __init__(self, signals: Sequence[str], timeout_s: float, install: bool = True) -> None:
         self.signals = parse_signals(signals)
         self.timeout_s = float(timeout_s)
         self.signum: Optional[int] = None
         self.received_at: Optional[float] = None
-        self._timer: Optional[threading.Timer] = None
+        self._repeats = 0
+        self._logged = False
+        self._done = threading.Event()
+        self._watchdog: Optional[threading.Thread] = None
         self._previous: dict[int, Any] = {}
         if install:
+            self._watchdog = threading.Thread(target=self._watch, name="preemption-watchdog", daemon=True)
+            self._watchdog.start()
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handler)
 
@@ -72,15 +87,20 @@ class Preemption:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            log.warning("%s received again; already preempting (exit within %.0f s of the first)",
-                        signal.Signals(signum).name, self.timeout_s)
+            self._repeats += 1
+            _write_stderr(f"megatron-papo: {signal.Signals(signum).name} received again; already preempting "
+                          f"(exit within {self.timeout_s:.0f} s of the first)\n")
             return
-        self.signum, self.received_at = signum, time.monotonic()
-        log.warning("%s received: finishing the current step, then saving a checkpoint (at most %.0f s, "
-                    "checkpoint.preempt_timeout_s)", self.signal_name, self.timeout_s)
-        self._timer = threading.Timer(self.timeout_s, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self.received_at = time.monotonic()
+        self.signum = signum
+        _write_stderr(f"megatron-papo: {self.signal_name} received: finishing the current step, then saving a "
+                      f"checkpoint (at most {self.timeout_s:.0f} s, checkpoint.preempt_timeout_s)\n")
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            t0 = self.received_at
+            if t0 is not None and time.monotonic() - t0 >= self.timeout_s:
+                self._expire()
 
     def _expire(self) -> None:
         msg = (f"preempted by {self.signal_name}: the step and the save did not finish within {self.timeout_s:.0f} s "
@@ -91,8 +111,13 @@ class Preemption:
 
     def requested(self, device: Any = None) -> bool:
         """Collective (every rank, same point of the loop): True when any rank got a preemption signal; then
-        every rank also agrees on the signal (the largest number received)."""
+        every rank also agrees on the signal (the largest number received). Logs the local signal once."""
         sig = int(self.signum or 0)
+        if sig and not self._logged:
+            self._logged = True
+            log.warning("%s received %.1f s ago (%d repeat(s)): finishing, saving a checkpoint (at most %.0f s "
+                        "from the signal, checkpoint.preempt_timeout_s)", self.signal_name,
+                        time.monotonic() - (self.received_at or time.monotonic()), self._repeats, self.timeout_s)
         if dist.is_initialized() and dist.get_world_size() > 1:
             t = torch.tensor([sig], dtype=torch.long, device=device if device is not None else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -103,9 +128,17 @@ class Preemption:
 
     def finish(self) -> None:
         """Stop the watchdog and restore the previous handlers (the save is done)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer.join(timeout=5)
+        self._done.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
         for sig, prev in self._previous.items():
             signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
         self._previous = {}
+
+
+def _write_stderr(text: str) -> None:
+    """One unbuffered write to fd 2 (no Python-level lock or buffer: safe inside a signal handler)."""
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass

@@ -37,7 +37,7 @@ def test_signal_is_recorded_not_acted_on_and_handlers_restored():
         assert p.exit_code == 138
     finally:
         p.finish()
-    assert signal.getsignal(signal.SIGUSR1) == before and not p._timer.is_alive()
+    assert signal.getsignal(signal.SIGUSR1) == before and not p._watchdog.is_alive()
 
 
 WATCHDOG = """
@@ -55,6 +55,43 @@ def test_watchdog_bounds_the_time_and_exits_with_the_signal_code():
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 143 and time.monotonic() - t < 25
     assert "did not finish within 0 s" in r.stderr or "did not finish within 1 s" in r.stderr, r.stderr
+
+
+SIGNALS_DURING_LOGGING = """
+import logging, os, signal, sys, threading, time
+from megatron_papo.preemption import Preemption
+logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[logging.FileHandler(sys.argv[1]), logging.StreamHandler()])
+p = Preemption(["SIGUSR1"], timeout_s=600)
+def pester():  # signals land while the main thread is inside the handlers' write/flush
+    for _ in range(300):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.002)
+t = threading.Thread(target=pester)
+t.start()
+n = 0
+while t.is_alive():
+    logging.getLogger("x").info("line %d %s", n, "x" * 500)
+    n += 1
+assert p.requested()
+p.finish()
+print(n)
+"""
+
+
+def test_signals_during_logging_do_not_reenter_the_log_streams(tmp_path):
+    """The handler must not log: a signal that lands inside the main thread's flush of a log stream used to fail
+    with 'reentrant call inside <_io.BufferedWriter>' (seen in CI on the SIGTERM resume test)."""
+    log_file = tmp_path / "rank0.log"
+    r = subprocess.run([sys.executable, "-c", SIGNALS_DURING_LOGGING, str(log_file)], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "reentrant" not in r.stderr and "Logging error" not in r.stderr, r.stderr[-4000:]
+    assert r.stderr.count("SIGUSR1 received: finishing the current step") == 1
+    assert r.stderr.count("SIGUSR1 received again") >= 1
+    lines = log_file.read_text().splitlines()
+    n = int(r.stdout.strip())
+    assert [ln.split()[1] for ln in lines if ln.startswith("line ")] == [str(i) for i in range(n)]
+    assert sum("SIGUSR1 received" in ln and "repeat(s)" in ln for ln in lines) == 1  # logged once, by requested()
 
 
 def test_consecutive_skips_stop_the_run():
