@@ -2,14 +2,14 @@
 
 Schedulers announce preemption with a signal and kill the job after a grace period (Slurm: ``--signal`` asks
 for one ahead of the time limit; Kubernetes: SIGTERM, then SIGKILL after ``terminationGracePeriodSeconds``).
-:class:`Preemption` only records the signal (a handler must not do collective work). The training loop asks
+:class:`Preemption` only records the signal (a handler must not do collective work, nor log: see the class). The training loop asks
 :meth:`Preemption.requested` between steps; that call all-reduces the flag over the world, so every rank
 decides at the same step even when the signal reaches the ranks at different moments. Then the trainer saves
 the last finished step, logs ``preempted by SIGTERM: saved step N``, shuts the engine down and exits
 ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1: the shell convention for "ended by that signal").
 
-Bounded time: a watchdog started by the first signal ends the process with the same code after
-``checkpoint.preempt_timeout_s`` if the step and the save have not finished; a save cut short this way never
+Bounded time: a watchdog thread ends the process with the same code ``checkpoint.preempt_timeout_s`` after the
+first signal if the step and the save have not finished; a save cut short this way never
 becomes ``latest`` (see ``checkpoint/dist.py``), so the previous checkpoint stays the resume point.
 """
 
