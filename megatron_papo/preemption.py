@@ -113,11 +113,11 @@ class Preemption:
         """Collective (every rank, same point of the loop): True when any rank got a preemption signal; then
         every rank also agrees on the signal (the largest number received). Logs the local signal once."""
         sig = int(self.signum or 0)
-        if sig and not self._logged:
+        if self.received_at is not None and not self._logged:  # a signal this process got (not one agreed on)
             self._logged = True
             log.warning("%s received %.1f s ago (%d repeat(s)): finishing, saving a checkpoint (at most %.0f s "
                         "from the signal, checkpoint.preempt_timeout_s)", self.signal_name,
-                        time.monotonic() - (self.received_at or time.monotonic()), self._repeats, self.timeout_s)
+                        time.monotonic() - self.received_at, self._repeats, self.timeout_s)
         if dist.is_initialized() and dist.get_world_size() > 1:
             t = torch.tensor([sig], dtype=torch.long, device=device if device is not None else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
