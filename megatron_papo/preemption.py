@@ -113,7 +113,7 @@ class Preemption:
         """Collective (every rank, same point of the loop): True when any rank got a preemption signal; then
         every rank also agrees on the signal (the largest number received). Logs the local signal once."""
         sig = int(self.signum or 0)
-        if self.received_at is not None and not self._logged:  # a signal this process got (not one agreed on)
+        if sig and self.received_at is not None and not self._logged:  # a signal this process got itself
             self._logged = True
             log.warning("%s received %.1f s ago (%d repeat(s)): finishing, saving a checkpoint (at most %.0f s "
                         "from the signal, checkpoint.preempt_timeout_s)", self.signal_name,
