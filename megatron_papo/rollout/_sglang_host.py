@@ -89,6 +89,10 @@ def host_main(conn: Any, engine_kwargs: dict[str, Any], env: dict[str, str]) -> 
         seeded.install()  # CPU only: per-request sampling seeds honoured (cpu_shim/seeded.py)
 
         engine = sglang.Engine(**engine_kwargs)
+        # what start-up allocated (modules, weights, SGLang's state) leaves the garbage collector's scans in the
+        # host, the scheduler and the detokenizer: unfrozen, each full collection walked all of it (~0.45 CPU-s
+        # per collection on the CI machine, every few rollouts, and inside most weight syncs)
+        engine.freeze_gc()
     except BaseException:
         conn.send(("err", traceback.format_exc()))
         return

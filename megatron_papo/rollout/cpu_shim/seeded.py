@@ -129,9 +129,10 @@ def install() -> bool:
         return False
     from sglang.srt.entrypoints.engine import Engine
 
-    from megatron_papo.rollout.cpu_shim import fork_start, mm_transport
+    from megatron_papo.rollout.cpu_shim import dispatch, fork_start, mm_transport
 
     Engine.run_scheduler_process_func = staticmethod(run_scheduler_process)
     fork_start.install()  # the schedulers fork from this process instead of importing SGLang again
     mm_transport.install()  # pixel values pickled with the request, not one shared-memory segment per request
+    dispatch.install()  # a prompt's template built once, not per seeded copy; a batch sent as one message
     return True
