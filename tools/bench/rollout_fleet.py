@@ -5,9 +5,12 @@
 
 Two processes each own a real SGLang CPU engine (a colocated fleet, ``rollout/fleet.py``). The 1-engine case is
 the same fleet restricted to engine 0 (rank 0's), so both cases share engines, prompts and weights. Each repeat
-times, in alternating order: generation of ``--prompts`` x ``--n`` responses of exactly ``--max-new-tokens``
-tokens (``ignore_eos``; rewards, the gather to every rank and the groups included) and a full weight sync of the
-mcore actor (TP=1; ``--pp 2``: the stage-1 owner gets its buckets by the all-stages PP broadcast). Prints one
+times, for each fleet in alternating order and as a training step does: a full weight sync of the mcore actor
+(TP=1; ``--pp 2``: the stage-1 owner gets its buckets by the all-stages PP broadcast; it flushes the engines'
+caches), then generation of ``--prompts`` x ``--n`` responses of exactly ``--max-new-tokens`` tokens
+(``ignore_eos``; rewards, the gather to every rank and the groups included). So every generation starts from
+flushed caches; before 2026-12-05 the two generations of a repeat ran back to back and the second found the first's
+prompts in engine 0's prefix cache, and each sync flushed whatever the generations had left. Prints one
 JSON line: medians after ``--warmup`` repeats, the ratios (goals: generation throughput 2 engines / 1 engine
 >= 1.6, sync time 2 / 1 <= 1.3), every sample, the load average before and after, and per repeat a digest of
 every generated token id and log-prob (the same seeds each repeat on both fleets: equal digests say 1 and 2 engines
@@ -82,8 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         for rep in range(args.warmup + args.repeats):
             order = ["1", "2"] if rep % 2 == 0 else ["2", "1"]
-            for k in order:  # generation
+            for k in order:  # as in training: a weight sync (which flushes the engines' caches), then a rollout
                 dist.barrier()
+                t = time.perf_counter()
+                fleets[k].sync([model])
+                dist.barrier()
+                if rep >= args.warmup:
+                    times[k]["sync_s"].append(time.perf_counter() - t)
                 t = time.perf_counter()
                 groups = fleets[k].generate_groups(samples, n=args.n, sampling=sampling, step=rep, seed=1,
                                                    tokenizer=processor.tokenizer, reward_fn=reward_fn, data_cfg=cfg.data,
@@ -97,13 +105,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if rep >= args.warmup:
                     times[k]["gen_s"].append(dt)
                     times[k]["tok_per_s"].append(tokens / dt)
-            for k in order:  # weight sync
-                dist.barrier()
-                t = time.perf_counter()
-                fleets[k].sync([model])
-                dist.barrier()
-                if rep >= args.warmup:
-                    times[k]["sync_s"].append(time.perf_counter() - t)
     finally:
         two.shutdown()
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in times.items()}
