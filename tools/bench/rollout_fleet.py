@@ -9,7 +9,7 @@ times, for each fleet in alternating order and as a training step does: a full w
 (TP=1; ``--pp 2``: the stage-1 owner gets its buckets by the all-stages PP broadcast; it flushes the engines'
 caches), then generation of ``--prompts`` x ``--n`` responses of exactly ``--max-new-tokens`` tokens
 (``ignore_eos``; rewards, the gather to every rank and the groups included). So every generation starts from
-flushed caches; before 2026-12-05 the two generations of a repeat ran back to back and the second found the first's
+flushed caches; until late 2026-12-04 the two generations of a repeat ran back to back and the second found the first's
 prompts in engine 0's prefix cache, and each sync flushed whatever the generations had left. Prints one
 JSON line: medians after ``--warmup`` repeats, the ratios (goals: generation throughput 2 engines / 1 engine
 >= 1.6, sync time 2 / 1 <= 1.3), every sample, the load average before and after, and per repeat a digest of
