@@ -17,10 +17,11 @@ What :func:`install` changes, in the process that owns the CPU engine (before th
 1. ``_build_image_prompt_template`` is memoised for token-id prompts too, keyed by the ids and the image-grid
    shape, like SGLang's own string cache (the cached tuple holds immutable ids and offsets and tensors that
    ``compose_image_artifacts`` clones per request, so every request still owns its items).
-2. A batch of pre-tokenized generation requests (``input_ids`` given, no text, no embeddings) takes SGLang's own
-   batch path also when it carries images: each request is tokenized (and its images prepared) as before, then
-   the batch goes to the scheduler as one ``BatchTokenizedGenerateReqInput``, which the scheduler unpacks into the
-   same per-request handling. Requests are unchanged; only how many messages carry them.
+2. A batch of pre-tokenized ``n=1`` generation requests (``input_ids`` given, no text, no embeddings, not
+   streamed; :func:`batched_dispatch`) is handled by :func:`send_in_chunks`: each request is tokenized (and its
+   images prepared) and its waiter built as in SGLang's sequential path, and every ``SEND_CHUNK`` requests go to
+   the scheduler as one ``BatchTokenizedGenerateReqInput``, which the scheduler unpacks into the same per-request
+   handling. Requests are unchanged; only how many messages carry them.
 
 GPU engines keep SGLang's paths (there the features travel by CUDA IPC or shared memory per request; not measured).
 """
@@ -64,7 +65,6 @@ def memoize_token_templates(build: Callable[..., Any], maxsize: int = TEMPLATE_C
                 cache.popitem(last=False)
         return out
 
-    wrapper.__wrapped_build__ = build  # type: ignore[attr-defined]
     return wrapper
 
 
