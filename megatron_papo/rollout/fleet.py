@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 from megatron_papo.rollout.base import EngineDiedError
@@ -204,9 +205,17 @@ class RolloutFleet:
         return self.slots[index]
 
     def _agree(self, errors: Sequence[str], what: str) -> None:
-        """Every rank learns every rank's errors; raise the same FleetError everywhere if there are any."""
+        """Every rank learns every rank's errors; raise the same FleetError everywhere if there are any.
+
+        One all-reduce of the error count decides; the messages are gathered (an object collective: pickling and
+        two rounds) only when some rank has one. Every rank takes the same branch, so the collectives match."""
         everyone: list[Any] = [list(errors)]
         if dist.is_initialized() and self.world_size > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else "cpu"
+            count = torch.tensor([len(errors)], dtype=torch.int64, device=device)
+            dist.all_reduce(count)
+            if int(count.item()) == 0:
+                return
             everyone = [None] * self.world_size
             dist.all_gather_object(everyone, list(errors))
         self._fail([e for errs in everyone for e in (errs or [])], what)

@@ -20,6 +20,7 @@ Memory: one bucket is materialised at a time (plus the one the engine is loading
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -105,9 +106,16 @@ def push_buckets(engine: Any, items: Iterable[Union[Pair, list[Pair]]], transpor
         return {"tensors": n_tensors, "bytes": n_bytes, "seconds": time.perf_counter() - t0}
     if transport not in ("tensor", "distributed"):
         raise ValueError(f"rollout.transport={transport!r}; expected one of tensor, distributed, disk")
-    engine._check(engine._call("begin_update"), "begin_weight_update", allow_none=True)
+    buckets = bucketize(items, bucket_bytes)
+    opened = False
+    engine._send("begin_update")
     try:
-        for bucket in bucketize(items, bucket_bytes):
+        try:  # the engine opens its bracket while this rank builds the first bucket (the actor's HF conversion)
+            first = next(buckets, None)
+        finally:
+            engine._check(engine._recv("begin_update"), "begin_weight_update", allow_none=True)
+            opened = True
+        for bucket in itertools.chain([] if first is None else [first], buckets):
             if transport == "tensor":
                 _push_tensor(engine, bucket)
             else:
@@ -115,7 +123,7 @@ def push_buckets(engine: Any, items: Iterable[Union[Pair, list[Pair]]], transpor
             n_tensors += len(bucket)
             n_bytes += sum(v.numel() * v.element_size() for _, v in bucket)
     finally:
-        if engine._proc is not None:
+        if opened and engine._proc is not None:
             engine._check(engine._call("end_update"), "end_weight_update", allow_none=True)
     engine._check(engine._call("flush_cache"), "flush_cache", allow_none=True)
     return {"tensors": n_tensors, "bytes": n_bytes, "seconds": time.perf_counter() - t0}

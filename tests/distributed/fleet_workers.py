@@ -63,6 +63,31 @@ def one_engine_dies(die_engine: int) -> dict:
     return {"error": None}
 
 
+def agree_on_errors(error_rank: int) -> dict:
+    """``_agree`` (the end of every weight sync): without errors one all-reduce and no object gather; with an error on
+    ``error_rank`` only, every rank raises the same FleetError carrying that rank's message."""
+    fleet, mine = _fleet(1)
+    real, gathers = dist.all_gather_object, []
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        gathers.append(1)
+        return real(*a, **kw)
+
+    dist.all_gather_object = counting
+    try:
+        fleet._agree([], "weight sync")
+        clean = len(gathers)
+        errors = [f"engine {dist.get_rank()} (owner rank {dist.get_rank()}): boom"] if dist.get_rank() == error_rank else []
+        try:
+            fleet._agree(errors, "weight sync")
+            return {"clean_gathers": clean, "error": None}
+        except FleetError as e:
+            return {"clean_gathers": clean, "error": str(e), "gathers": len(gathers) - clean,
+                    "stopped": all(x.stopped for x in mine.values())}
+    finally:
+        dist.all_gather_object = real
+
+
 class GeneratingEngine:
     """The engine protocol's ``generate``: sample k of prompt uid is ``[uid, k, owner rank]`` after ``delay`` s."""
 

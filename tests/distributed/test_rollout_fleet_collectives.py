@@ -32,6 +32,14 @@ def test_one_dying_engine_fails_every_rank_with_the_same_message():
     assert all(r["seconds"] < 10 and r["stopped"] for r in res)  # no hang; every rank shut its engines down
 
 
+def test_weight_sync_agreement_gathers_messages_only_when_a_rank_failed():
+    res = run_distributed("tests.distributed.fleet_workers:agree_on_errors", nproc=2, kwargs={"error_rank": 1}, timeout=120)
+    assert [r["clean_gathers"] for r in res] == [0, 0]  # no error anywhere: the all-reduce alone decides
+    assert res[0]["error"] == res[1]["error"] and "weight sync failed on 1 engine(s)" in res[0]["error"]
+    assert "engine 1 (owner rank 1): boom" in res[0]["error"]
+    assert [r["gathers"] for r in res] == [1, 1] and all(r["stopped"] for r in res)
+
+
 def test_async_rollouts_overlap_main_thread_collectives_and_gather_at_collect():
     """Both ranks' engines generate in a background thread while the main threads run all-reduces; every collective
     (the all-reduces and the fleet's gather) is issued by the main thread; collect gives the same groups, in prompt

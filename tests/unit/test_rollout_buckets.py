@@ -1,10 +1,14 @@
-"""Weight-transport bucketing: per-dtype buckets within the size, exact flatten/unflatten round trip."""
+"""Weight-transport bucketing: per-dtype buckets within the size, exact flatten/unflatten round trip; the order of a
+sync's engine calls (the first bucket built while the engine opens its bracket, the bracket closed on failure)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from megatron_papo.rollout.weight_transport import bucketize, flatten_bucket, unflatten_bucket
+from megatron_papo.rollout.base import EngineError
+from megatron_papo.rollout.sglang_engine import SGLangEngine
+from megatron_papo.rollout.weight_transport import bucketize, flatten_bucket, push_buckets, unflatten_bucket
 
 
 def _pairs():
@@ -50,3 +54,64 @@ def test_flatten_into_shared_memory():
     assert flat.is_shared()
     for (n, t), (m, u) in zip(bucket, unflatten_bucket(flat, meta)):
         assert n == m and torch.equal(u, t)
+
+
+class _BracketEngine:
+    """What ``push_buckets`` uses of an engine (``_send``/``_recv``/``_call``/``_check``/``_proc``), recording every
+    message in order into a log shared with the bucket source; ``fail`` names a call that answers with an error."""
+
+    shared_flat = False
+    _proc = object()
+
+    def __init__(self, log: list, fail: str = "") -> None:
+        self.log, self.fail, self.pending = log, fail, []
+
+    def _send(self, method: str, **kw) -> None:
+        self.log.append(("send", method))
+        self.pending.append(method)
+
+    def _recv(self, method: str, timeout=None):
+        assert self.pending.pop(0) == method
+        self.log.append(("recv", method))
+        if method == self.fail:
+            raise EngineError(f"SGLang {method} failed in the engine")
+        return (True, "ok")
+
+    def _call(self, method: str, timeout=None, **kw):
+        self._send(method, **kw)
+        return self._recv(method, timeout)
+
+    _check = staticmethod(SGLangEngine._check)
+
+
+def _source(log: list, buckets: list, fail_at: int = -1):
+    for i, b in enumerate(buckets):
+        if i == fail_at:
+            raise RuntimeError("gather failed")
+        log.append(("built", i))
+        yield b
+
+
+def test_first_bucket_is_built_while_the_engine_opens_its_bracket():
+    log: list = []
+    pairs = _pairs()[:4]
+    stats = push_buckets(_BracketEngine(log), _source(log, [pairs[:2], pairs[2:]]), "tensor", 1 << 20)
+    assert log == [("send", "begin_update"), ("built", 0), ("recv", "begin_update"),
+                   ("send", "update_flat"), ("recv", "update_flat"), ("built", 1), ("send", "update_flat"),
+                   ("recv", "update_flat"), ("send", "end_update"), ("recv", "end_update"),
+                   ("send", "flush_cache"), ("recv", "flush_cache")]
+    assert stats["tensors"] == 4
+
+
+def test_a_failing_bucket_source_still_closes_the_bracket():
+    log: list = []
+    with pytest.raises(RuntimeError, match="gather failed"):
+        push_buckets(_BracketEngine(log), _source(log, [_pairs()[:2]], fail_at=0), "tensor", 1 << 20)
+    assert log == [("send", "begin_update"), ("recv", "begin_update"), ("send", "end_update"), ("recv", "end_update")]
+
+
+def test_a_failed_begin_pushes_nothing_and_closes_nothing():
+    log: list = []
+    with pytest.raises(EngineError, match="begin_update failed"):
+        push_buckets(_BracketEngine(log, fail="begin_update"), _source(log, [_pairs()[:2]]), "tensor", 1 << 20)
+    assert log == [("send", "begin_update"), ("built", 0), ("recv", "begin_update")]

@@ -111,11 +111,13 @@ def patch_sglang() -> bool:
 def run_scheduler_process(*args: Any, **kwargs: Any) -> Any:
     """SGLang's scheduler entry point with :func:`patch_sglang` applied first (a spawned process: importable
     by name, so ``sglang.Engine.run_scheduler_process_func`` can point here). Batch-invariant numerics
-    (``batch_invariant.py``) are applied with it: seeds fix the tokens, invariance fixes their log-probs."""
-    from megatron_papo.rollout.cpu_shim import batch_invariant
+    (``batch_invariant.py``) are applied with it: seeds fix the tokens, invariance fixes their log-probs; and a cache
+    flush collects only the young garbage generations (``flush_gc.py``)."""
+    from megatron_papo.rollout.cpu_shim import batch_invariant, flush_gc
 
     patch_sglang()
     batch_invariant.patch_sglang()
+    flush_gc.patch_sglang()  # a cache flush walks the young generations only, not the whole heap
     from sglang.srt.managers.scheduler import run_scheduler_process as upstream
 
     return upstream(*args, **kwargs)
