@@ -211,8 +211,9 @@ class RolloutFleet:
         two rounds) only when some rank has one. Every rank takes the same branch, so the collectives match."""
         everyone: list[Any] = [list(errors)]
         if dist.is_initialized() and self.world_size > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else "cpu"
-            count = torch.tensor([len(errors)], dtype=torch.int64, device=device)
+            on_gpu = dist.get_backend() == "nccl"  # the default group's backend decides where its tensors live
+            count = torch.tensor([len(errors)], dtype=torch.int64,
+                                 device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             dist.all_reduce(count)
             if int(count.item()) == 0:
                 return
@@ -351,18 +352,17 @@ class RolloutFleet:
         errors = [e for k in sorted(self.engines) for ok, e in [self._guarded(k, lambda eng: eng.release_memory())]
                   if not ok]
         self._released = True
-        if errors:
-            self._agree(errors, "release_memory")
+        self._agree(errors, "release_memory")  # every rank, so that the collective pairs up
 
     def resume(self) -> None:
-        """Undo :meth:`release` before the engines are used (idempotent)."""
+        """Undo :meth:`release` before the engines are used (idempotent). Collective when it resumes: one failing
+        engine fails every rank alike, before any rank enters the weight sync's collectives."""
         if not self._released:
             return
         self._released = False
-        for k in sorted(self.engines):
-            ok, err = self._guarded(k, lambda eng: eng.resume_memory())
-            if not ok:
-                raise FleetError(err)
+        errors = [e for k in sorted(self.engines) for ok, e in [self._guarded(k, lambda eng: eng.resume_memory())]
+                  if not ok]
+        self._agree(errors, "resume_memory")
 
     def alive(self) -> dict[int, bool]:
         """Liveness of this rank's engines (pids still running), without a call into them."""

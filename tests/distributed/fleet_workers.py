@@ -88,6 +88,44 @@ def agree_on_errors(error_rank: int) -> dict:
         dist.all_gather_object = real
 
 
+class MemoryEngine(RecordingEngine):
+    """A colocated GPU engine's memory calls, failing on request (the fleet's release/resume, without a GPU)."""
+
+    def __init__(self, index: int, fail: bool) -> None:
+        super().__init__(index)
+        self.fail = fail
+
+    def release_memory(self) -> None:
+        if self.fail:
+            raise EngineDiedError("SGLang engine died during release (host exit code -9)")
+
+    def resume_memory(self) -> None:
+        if self.fail:
+            raise EngineDiedError("SGLang engine died during resume (host exit code -9)")
+
+
+def memory_call_fails_on_one_rank(fail_rank: int) -> dict:
+    """A colocated fleet (``device_type="cuda"`` so that release/resume act; gloo underneath) whose engine on
+    ``fail_rank`` fails to release, then (a fresh fleet) to resume: every rank raises the same FleetError; none waits
+    in a collective the failing rank never enters."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict = {}
+    for what in ("release", "resume"):
+        slots = [EngineSlot(k, k) for k in range(world)]
+        mine = {rank: MemoryEngine(rank, fail=rank == fail_rank)}
+        fleet = RolloutFleet(slots, rank, world, mine, placement="colocated", device_type="cuda")
+        if what == "resume":
+            fleet._released = True
+        t0 = time.perf_counter()
+        try:
+            getattr(fleet, what)()
+            out[what] = {"error": None}
+        except FleetError as e:
+            out[what] = {"error": str(e), "seconds": time.perf_counter() - t0, "stopped": mine[rank].stopped}
+    dist.barrier()  # both ranks are still in step after the two failures
+    return out
+
+
 class GeneratingEngine:
     """The engine protocol's ``generate``: sample k of prompt uid is ``[uid, k, owner rank]`` after ``delay`` s."""
 

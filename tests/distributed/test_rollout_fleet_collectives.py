@@ -40,6 +40,16 @@ def test_weight_sync_agreement_gathers_messages_only_when_a_rank_failed():
     assert [r["gathers"] for r in res] == [1, 1] and all(r["stopped"] for r in res)
 
 
+def test_a_failed_memory_release_or_resume_fails_every_rank_alike():
+    res = run_distributed("tests.distributed.fleet_workers:memory_call_fails_on_one_rank", nproc=2, kwargs={"fail_rank": 1},
+                          timeout=120)
+    for what, call in (("release", "release_memory"), ("resume", "resume_memory")):
+        errs = [r[what]["error"] for r in res]
+        assert errs[0] is not None and errs[0] == errs[1], (what, errs)
+        assert f"{call} failed on 1 engine(s)" in errs[0] and "engine 1 (owner rank 1, host pid" in errs[0]
+        assert all(r[what]["seconds"] < 10 and r[what]["stopped"] for r in res)
+
+
 def test_async_rollouts_overlap_main_thread_collectives_and_gather_at_collect():
     """Both ranks' engines generate in a background thread while the main threads run all-reduces; every collective
     (the all-reduces and the fleet's gather) is issued by the main thread; collect gives the same groups, in prompt

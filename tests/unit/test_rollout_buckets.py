@@ -115,3 +115,13 @@ def test_a_failed_begin_pushes_nothing_and_closes_nothing():
     with pytest.raises(EngineError, match="begin_update failed"):
         push_buckets(_BracketEngine(log, fail="begin_update"), _source(log, [_pairs()[:2]]), "tensor", 1 << 20)
     assert log == [("send", "begin_update"), ("built", 0), ("recv", "begin_update")]
+
+
+def test_an_external_server_gets_its_bracket_closed():
+    """An external server (``ExternalServerEngine``: no process of ours, ``_proc`` None) still gets end_update."""
+    log: list = []
+    eng = _BracketEngine(log)
+    eng._proc, eng.external = None, True
+    push_buckets(eng, _source(log, [_pairs()[:2]]), "tensor", 1 << 20)
+    assert [m for m in log if m[0] == "send"] == [("send", "begin_update"), ("send", "update_flat"),
+                                                   ("send", "end_update"), ("send", "flush_cache")]
