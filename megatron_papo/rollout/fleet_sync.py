@@ -15,6 +15,7 @@ buckets (the TP/PP gathers are collective), and the ranks agree on the error aft
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -70,11 +71,27 @@ def _engines(fleet: Any) -> list[Any]:
     return [fleet.engines[k] for k in sorted(fleet.engines)]
 
 
-def _all(engines: list[Any], method: str, what: str, **kwargs: Any) -> list[Any]:
+def _all(engines: list[Any], method: str, what: str, *, done: list[Any] | None = None, **kwargs: Any) -> list[Any]:
     """Send one call to every engine, then collect every answer (the engines work side by side)."""
     for e in engines:
         e._send(method, **kwargs)
-    return [e._check(e._recv(what), what, allow_none=True) for e in engines]
+    return _collect(engines, what, done)
+
+
+def _collect(engines: list[Any], what: str, done: list[Any] | None = None) -> list[Any]:
+    """Every engine's answer to the call in flight, read even when one fails (none is left for the next call);
+    then the first failure is raised. ``done`` collects the engines that answered with success."""
+    answers, first = [], None
+    for e in engines:
+        try:
+            answers.append(e._check(e._recv(what), what, allow_none=True))
+            if done is not None:
+                done.append(e)
+        except Exception as err:
+            first = first or err
+    if first is not None:
+        raise first
+    return answers
 
 
 def _group_address(engines: list[Any]) -> str:
@@ -109,11 +126,12 @@ def _ensure_group(fleet: Any) -> tuple[Any, str]:
 
 def _bracket(engines: list[Any], push: Any) -> None:
     """SGLang's weight-update bracket around ``push()`` on every engine, then a cache flush."""
-    _all(engines, "begin_update", "begin_weight_update")
+    opened: list[Any] = []
     try:
+        _all(engines, "begin_update", "begin_weight_update", done=opened)
         push()
-    finally:
-        live = [e for e in engines if e._proc is not None or getattr(e, "external", False)]
+    finally:  # close every bracket that opened, even when another engine's begin failed
+        live = [e for e in opened if e._proc is not None or getattr(e, "external", False)]
         if live:
             _all(live, "end_update", "end_weight_update")
     _all(engines, "flush_cache", "flush_cache")
@@ -130,10 +148,14 @@ def _push_group(fleet: Any, buckets: Iterable[list[Pair]]) -> None:
             for e in engines:
                 e._send("update_distributed", names=[m[0] for m in meta], dtypes=[m[2] for m in meta],
                         shapes=[m[1] for m in meta], group_name=name, flush_cache=False, load_format="flattened_bucket")
-            pg.broadcast([flat], torch.distributed.BroadcastOptions()).wait()  # once for the whole fleet
-            for e in engines:
-                if e._check(e._recv("update_weights_from_distributed"), "update_weights_from_distributed") is None:
-                    raise RuntimeError("update_weights_from_distributed returned nothing")
+            try:
+                pg.broadcast([flat], torch.distributed.BroadcastOptions()).wait()  # once for the whole fleet
+            except BaseException:
+                with contextlib.suppress(Exception):  # their answers must not be read by the next call
+                    _collect(engines, "update_weights_from_distributed")
+                raise
+            if any(res is None for res in _collect(engines, "update_weights_from_distributed")):
+                raise RuntimeError("update_weights_from_distributed returned nothing")
 
     _bracket(engines, push)
 

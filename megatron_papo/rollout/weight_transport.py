@@ -228,8 +228,12 @@ def _push_distributed(engine: Any, bucket: list[Pair]) -> None:
     flat, meta = flatten_bucket(bucket, device)
     engine._send("update_distributed", names=[m[0] for m in meta], dtypes=[m[2] for m in meta],
                  shapes=[m[1] for m in meta], group_name=name, flush_cache=False, load_format="flattened_bucket")
-    work = pg.broadcast([flat], torch.distributed.BroadcastOptions())
-    work.wait()
+    try:
+        pg.broadcast([flat], torch.distributed.BroadcastOptions()).wait()
+    except BaseException:
+        with contextlib.suppress(Exception):  # its answer must not be read by the next call (end_update)
+            engine._recv("update_weights_from_distributed")
+        raise
     res = engine._recv("update_weights_from_distributed")
     engine._check(res, "update_weights_from_distributed")
     if res is None:

@@ -70,8 +70,8 @@ class _BracketEngine:
         self.log.append(("send", method))
         self.pending.append(method)
 
-    def _recv(self, method: str, timeout=None):
-        assert self.pending.pop(0) == method
+    def _recv(self, method: str, timeout=None):  # the answer to the oldest call in flight (``method`` names it)
+        method = self.pending.pop(0)
         self.log.append(("recv", method))
         if method == self.fail:
             raise EngineError(f"SGLang {method} failed in the engine")
@@ -125,3 +125,51 @@ def test_an_external_server_gets_its_bracket_closed():
     push_buckets(eng, _source(log, [_pairs()[:2]]), "tensor", 1 << 20)
     assert [m for m in log if m[0] == "send"] == [("send", "begin_update"), ("send", "update_flat"),
                                                    ("send", "end_update"), ("send", "flush_cache")]
+
+
+def test_fleet_bracket_reads_every_answer_and_closes_every_bracket_that_opened():
+    """Several engines on one rank (``fleet_sync._bracket``): engine 0's begin fails. Engine 1's answer is still
+    read, its bracket (opened) is closed, nothing is left unread on either pipe, and engine 0's error is raised."""
+    from megatron_papo.rollout import fleet_sync
+
+    logs: list[list] = [[], []]
+    engines = [_BracketEngine(logs[0], fail="begin_update"), _BracketEngine(logs[1])]
+    pushed: list = []
+    with pytest.raises(EngineError, match="begin_update failed"):
+        fleet_sync._bracket(engines, lambda: pushed.append(1))
+    assert pushed == [] and all(not e.pending for e in engines)
+    assert logs[0] == [("send", "begin_update"), ("recv", "begin_update")]
+    assert logs[1] == [("send", "begin_update"), ("recv", "begin_update"), ("send", "end_update"), ("recv", "end_update")]
+
+
+def test_fleet_update_failing_on_one_engine_still_closes_both():
+    from megatron_papo.rollout import fleet_sync
+
+    logs: list[list] = [[], []]
+    engines = [_BracketEngine(logs[0], fail="update_flat"), _BracketEngine(logs[1])]  # engine 1 answers after the failure
+    with pytest.raises(EngineError, match="update_flat failed"):
+        fleet_sync._bracket(engines, lambda: fleet_sync._all(engines, "update_flat", "update_flat"))
+    assert all(not e.pending for e in engines)
+    for log in logs:
+        assert log[-2:] == [("send", "end_update"), ("recv", "end_update")]
+
+
+def test_a_failed_broadcast_leaves_no_answer_for_the_next_call():
+    """``transport=distributed``: the broadcast of a bucket fails (a timeout, a dead peer); the engine's answer to
+    ``update_distributed`` is read there, so the bracket's ``end_update`` reads its own answer."""
+    from megatron_papo.rollout.weight_transport import _push_distributed
+
+    class Work:
+        def wait(self):
+            raise RuntimeError("broadcast timed out")
+
+    class Group:
+        def broadcast(self, tensors, opts):
+            return Work()
+
+    log: list = []
+    eng = _BracketEngine(log)
+    eng._update_group, eng.device, eng.engine_kwargs = (Group(), "g"), "cpu", {}
+    with pytest.raises(RuntimeError, match="broadcast timed out"):
+        _push_distributed(eng, _pairs()[:2])
+    assert not eng.pending and log == [("send", "update_distributed"), ("recv", "update_distributed")]
