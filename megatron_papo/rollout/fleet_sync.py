@@ -131,7 +131,7 @@ def _bracket(engines: list[Any], push: Any) -> None:
         _all(engines, "begin_update", "begin_weight_update", done=opened)
         push()
     finally:  # close every bracket that opened, even when another engine's begin failed
-        live = [e for e in opened if e._proc is not None or getattr(e, "external", False)]
+        live = [e for e in opened if e._running()]
         if live:
             _all(live, "end_update", "end_weight_update")
     _all(engines, "flush_cache", "flush_cache")

@@ -235,6 +235,10 @@ class SGLangEngine:
             self._proc = None
 
     # ------------------------------------------------------------------ host calls
+    def _running(self) -> bool:
+        """Whether calls can reach the engine (its host process runs; an external server overrides this)."""
+        return self._proc is not None
+
     def _send(self, method: str, **kwargs: Any) -> None:
         if self._proc is None or self._conn is None:
             raise EngineError(f"SGLang engine is not running (call start() first); cannot {method}")

@@ -123,7 +123,7 @@ def push_buckets(engine: Any, items: Iterable[Union[Pair, list[Pair]]], transpor
             n_tensors += len(bucket)
             n_bytes += sum(v.numel() * v.element_size() for _, v in bucket)
     finally:
-        if opened and (engine._proc is not None or getattr(engine, "external", False)):  # an external server has no _proc
+        if opened and engine._running():
             engine._check(engine._call("end_update"), "end_weight_update", allow_none=True)
     engine._check(engine._call("flush_cache"), "flush_cache", allow_none=True)
     return {"tensors": n_tensors, "bytes": n_bytes, "seconds": time.perf_counter() - t0}

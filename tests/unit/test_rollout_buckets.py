@@ -82,6 +82,7 @@ class _BracketEngine:
         return self._recv(method, timeout)
 
     _check = staticmethod(SGLangEngine._check)
+    _running = SGLangEngine._running
 
 
 def _source(log: list, buckets: list, fail_at: int = -1):
@@ -119,9 +120,14 @@ def test_a_failed_begin_pushes_nothing_and_closes_nothing():
 
 def test_an_external_server_gets_its_bracket_closed():
     """An external server (``ExternalServerEngine``: no process of ours, ``_proc`` None) still gets end_update."""
+    from megatron_papo.rollout.sglang_server import ExternalServerEngine
+
+    class External(_BracketEngine):
+        _proc, _attached = None, True
+        _running = ExternalServerEngine._running
+
     log: list = []
-    eng = _BracketEngine(log)
-    eng._proc, eng.external = None, True
+    eng = External(log)
     push_buckets(eng, _source(log, [_pairs()[:2]]), "tensor", 1 << 20)
     assert [m for m in log if m[0] == "send"] == [("send", "begin_update"), ("send", "update_flat"),
                                                    ("send", "end_update"), ("send", "flush_cache")]

@@ -42,4 +42,3 @@ def patch_sglang() -> bool:
     CpuDeviceMixin.empty_cache = _empty_cache
     _PATCHED = True
     return True
-
